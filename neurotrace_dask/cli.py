@@ -1,0 +1,187 @@
+"""The ``neurotrace`` command.
+
+Every user-caused problem ends as one ``error: ...`` line on stderr and exit code 2;
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from . import __version__
+from .config import dump_config, load_config
+from .errors import NeurotraceError
+
+app = typer.Typer(
+    name="neurotrace",
+    help="Reconstruct neurons from optical microscopy volumes, from one cell to a whole brain.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+config_app = typer.Typer(help="Inspect configuration.", no_args_is_help=True)
+swc_app = typer.Typer(help="Inspect SWC files.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(swc_app, name="swc")
+
+_state = {"debug": False}
+
+Triple = tuple[int, int, int]
+ConfigOption = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file (see configs/).")]
+SchedulerOption = Annotated[
+    Optional[str], typer.Option("--scheduler", help="Address of a running Dask scheduler (tcp://host:8786).")
+]
+SlurmOption = Annotated[bool, typer.Option("--slurm", help="Run on SLURM as the config's cluster.slurm says.")]
+WorkersOption = Annotated[Optional[int], typer.Option("--workers", help="Local cluster: worker processes.", min=1)]
+ThreadsOption = Annotated[Optional[int], typer.Option("--threads", help="Local cluster: threads per worker.", min=1)]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"neurotrace_dask {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+) -> None:
+    """Reconstruct neurons from optical microscopy volumes, from one cell to a whole brain."""
+    _state["debug"] = debug
+
+
+def _cluster_overrides(scheduler: str | None, slurm: bool, workers: int | None, threads: int | None) -> dict[str, Any]:
+    if scheduler and slurm:
+        raise NeurotraceError("--scheduler and --slurm exclude each other")
+    cluster: dict[str, Any] = {}
+    if scheduler:
+        cluster.update(kind="address", address=scheduler)
+    elif slurm:
+        cluster["kind"] = "slurm"
+    local = {k: v for k, v in {"n_workers": workers, "threads_per_worker": threads}.items() if v is not None}
+    if local:
+        cluster["local"] = local
+    return cluster
+
+
+def _drop_none(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if v is not None and v is not False}
+
+
+@app.command()
+def info() -> None:
+    """Print versions, threads and GPU presence."""
+    import dask
+    import distributed
+    import numba
+    import numpy
+    import tifffile
+    import torch
+    import zarr
+
+    typer.echo(f"neurotrace_dask {__version__}")
+    typer.echo(f"python          {platform.python_version()} ({platform.platform()})")
+    for module in (numpy, dask, distributed, zarr, tifffile, numba, torch):
+        typer.echo(f"{module.__name__:<15} {module.__version__}")
+    typer.echo(f"cpu cores       {os.cpu_count()}")
+    typer.echo(f"torch threads   {torch.get_num_threads()}")
+    if torch.cuda.is_available():
+        names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+        typer.echo(f"gpu             {torch.cuda.device_count()} CUDA device(s): {names}")
+    else:
+        typer.echo("gpu             none (CPU only)")
+
+
+@config_app.command("show")
+def config_show(
+    file: Annotated[Optional[Path], typer.Argument(help="YAML config file; defaults when omitted.")] = None,
+) -> None:
+    """Print the merged configuration (defaults + FILE) as YAML."""
+    typer.echo(dump_config(load_config(file)), nl=False)
+
+
+@app.command()
+def convert(
+    input: Annotated[str, typer.Argument(help="TIFF/BigTIFF, folder of 2D TIFFs, file.h5:/dataset, or Zarr.")],
+    out: Annotated[Path, typer.Argument(help="Output OME-Zarr folder (e.g. image.ome.zarr).")],
+    config: ConfigOption = None,
+    voxel_size: Annotated[
+        Optional[tuple[float, float, float]],
+        typer.Option("--voxel-size", help="Voxel size Z Y X in micrometres (overrides file metadata)."),
+    ] = None,
+    channel: Annotated[Optional[int], typer.Option("--channel", help="Channel to take from multichannel input.")] = None,
+    chunks: Annotated[Optional[Triple], typer.Option("--chunks", help="Chunk shape Z Y X (default ~1-2 MB).")] = None,
+    shards: Annotated[Optional[Triple], typer.Option("--shards", help="Shard shape Z Y X, a multiple of chunks.")] = None,
+    levels: Annotated[Optional[int], typer.Option("--levels", help="Pyramid levels incl. full resolution.")] = None,
+    rescale: Annotated[
+        Optional[str], typer.Option("--rescale", help="Map other dtypes linearly onto uint8 or uint16.")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")] = False,
+    scheduler: SchedulerOption = None,
+    slurm: SlurmOption = False,
+    workers: WorkersOption = None,
+    threads: ThreadsOption = None,
+) -> None:
+    """Convert an image stack to a multiscale OME-Zarr (NGFF 0.5, Zarr v3), streaming."""
+    from .io.convert import convert as run_convert
+
+    overrides = {
+        "convert": _drop_none(
+            dict(voxel_size=voxel_size, channel=channel, chunks=chunks, shards=shards, levels=levels,
+                 rescale=rescale, overwrite=overwrite)
+        ),
+        "cluster": _cluster_overrides(scheduler, slurm, workers, threads),
+    }
+    cfg = load_config(config, overrides)
+    result = run_convert(input, out, cfg.convert, cluster=cfg.cluster)
+    typer.echo(result.summary())
+
+
+@swc_app.command("check")
+def swc_check(file: Annotated[Path, typer.Argument(help="SWC file to validate.")]) -> None:
+    """Validate an SWC file and print a summary (nodes, trees, cable length)."""
+    from .io.swc import read_swc
+
+    swc = read_swc(file)
+    typer.echo(f"{file}: {swc.n_nodes} nodes, {swc.n_trees} tree(s), cable length {swc.cable_length():.1f} (file units)")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="Folder for the demo's files.")] = Path("demo_out"),
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier demo's outputs.")] = False,
+) -> None:
+    """Run the main job on an embedded default: a generated neuron-like stack -> OME-Zarr."""
+    from .demo import run_demo
+
+    typer.echo(run_demo(out, overwrite=overwrite))
+
+
+def main() -> None:
+    """Console entry point: one-line errors unless ``--debug``."""
+    try:
+        app()
+    except NeurotraceError as exc:
+        if _state["debug"]:
+            raise
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:
+        if _state["debug"]:
+            raise
+        first = str(exc).strip().splitlines()
+        message = f"{type(exc).__name__}: {first[0]}" if first else type(exc).__name__
+        typer.echo(f"error: unexpected {message} (rerun with --debug for the traceback)", err=True)
+        sys.exit(1)

@@ -1,0 +1,228 @@
+"""Typed configuration for every stage.
+
+One :class:`Config` object is what the CLI, notebooks and the Python API pass around.
+Values come from, in increasing priority: the defaults below, a YAML file, and
+command-line flags (given here as a nested ``overrides`` dict). Unknown keys and wrong
+types are errors that name the key.
+
+Examples
+--------
+>>> cfg = load_config(overrides={"convert": {"levels": 2}})
+>>> cfg.convert.levels
+2
+>>> cfg.cluster.kind
+'local'
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+
+__all__ = [
+    "ClusterConfig",
+    "Config",
+    "ConvertConfig",
+    "LocalClusterConfig",
+    "SlurmConfig",
+    "dump_config",
+    "load_config",
+]
+
+PositiveInt = Annotated[int, Field(gt=0)]
+Triple = tuple[PositiveInt, PositiveInt, PositiveInt]
+VoxelSize = tuple[
+    Annotated[float, Field(gt=0, allow_inf_nan=False)],
+    Annotated[float, Field(gt=0, allow_inf_nan=False)],
+    Annotated[float, Field(gt=0, allow_inf_nan=False)],
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LocalClusterConfig(_Strict):
+    """A ``distributed.LocalCluster`` on this machine.
+
+    ``n_workers`` and ``threads_per_worker`` of ``None`` let distributed choose from
+    the machine's cores. ``processes: false`` runs workers as threads of this process
+    (quick start-up; for small volumes and notebooks). ``host`` is the interface the
+    scheduler and worker processes listen on.
+    """
+
+    n_workers: PositiveInt | None = None
+    threads_per_worker: PositiveInt | None = None
+    processes: bool = True
+    memory_limit: str = "auto"
+    host: str = "127.0.0.1"
+
+
+class SlurmConfig(_Strict):
+    """A SLURM allocation through ``dask_jobqueue.SLURMCluster`` (extra ``[slurm]``).
+
+    Every field maps onto the ``SLURMCluster`` argument of the same name, except
+    ``jobs`` (fixed number of jobs) and ``adapt_minimum_jobs`` / ``adapt_maximum_jobs``
+    (adaptive scaling, used when ``adapt_maximum_jobs`` is set).
+    """
+
+    queue: str | None = None
+    account: str | None = None
+    cores: PositiveInt = 8
+    processes: PositiveInt = 1
+    memory: str = "32GB"
+    walltime: str = "04:00:00"
+    # Workers retire before the walltime kills them, staggered so they don't all go at once.
+    lifetime: str | None = "3h50m"
+    lifetime_stagger: str | None = "5m"
+    local_directory: str | None = None
+    log_directory: str | None = None
+    job_extra_directives: list[str] = Field(default_factory=list)
+    job_script_prologue: list[str] = Field(default_factory=list)
+    jobs: Annotated[int, Field(ge=0)] = 1
+    adapt_minimum_jobs: Annotated[int, Field(ge=0)] = 0
+    adapt_maximum_jobs: PositiveInt | None = None
+
+
+class ClusterConfig(_Strict):
+    """Where the Dask work runs: ``local`` (default), an existing scheduler ``address``, or ``slurm``."""
+
+    kind: Literal["local", "address", "slurm"] = "local"
+    address: str | None = None
+    connect_timeout: str = "20s"
+    # The dashboard is reachable from this machine only unless configured otherwise.
+    dashboard_address: str = "127.0.0.1:8787"
+    local: LocalClusterConfig = Field(default_factory=LocalClusterConfig)
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig)
+    # Block tasks in flight per worker thread: bounds scheduler memory on huge grids.
+    tasks_per_thread: PositiveInt = 4
+
+    @model_validator(mode="after")
+    def _address_given(self) -> ClusterConfig:
+        if self.kind == "address" and not self.address:
+            raise ValueError("cluster.kind is 'address' but cluster.address is not set")
+        return self
+
+
+class ConvertConfig(_Strict):
+    """Options of ``neurotrace convert`` (any supported stack -> OME-Zarr).
+
+    ``chunks`` of ``None`` picks about 1-2 MB per chunk; ``shards`` (a multiple of
+    ``chunks``) groups chunks into one file each. ``levels`` counts pyramid levels
+    including full resolution (``None``: until the largest axis is at most 512).
+    ``voxel_size`` (z, y, x in micrometres) overrides what the file says.
+    ``rescale`` maps other dtypes (float, int16, uint32 ...) linearly from their finite
+    range onto uint8 or uint16; without it such inputs are refused.
+    """
+
+    chunks: Triple | None = None
+    shards: Triple | None = None
+    levels: Annotated[int, Field(ge=1, le=12)] | None = None
+    voxel_size: VoxelSize | None = None
+    channel: Annotated[int, Field(ge=0)] | None = None
+    rescale: Literal["uint8", "uint16"] | None = None
+    compression_level: Annotated[int, Field(ge=0, le=9)] = 3
+    # Target bytes of input one task reads and writes: bounds worker memory.
+    task_bytes: Annotated[int, Field(ge=1 << 16)] = 64 << 20
+    overwrite: bool = False
+
+    @model_validator(mode="after")
+    def _shards_multiple_of_chunks(self) -> ConvertConfig:
+        if self.shards is not None and self.chunks is not None:
+            if any(s % c for s, c in zip(self.shards, self.chunks)):
+                raise ValueError(f"convert.shards {self.shards} must be a multiple of convert.chunks {self.chunks}")
+        return self
+
+
+class Config(_Strict):
+    """Configuration of the whole pipeline; one section per stage."""
+
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    convert: ConvertConfig = Field(default_factory=ConvertConfig)
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    parts = []
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            parts.append(f"unknown key '{key}'")
+        else:
+            parts.append(f"{key}: {item['msg']}")
+    return f"{source}: " + "; ".join(parts)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file must be a mapping of sections, not {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Build the configuration from defaults, an optional YAML file and overrides.
+
+    Parameters
+    ----------
+    path
+        YAML file with any subset of the sections of :class:`Config`.
+    overrides
+        Nested dict of values that win over the file (what CLI flags set).
+
+    Raises
+    ------
+    ConfigError
+        One line naming the file and each offending key.
+
+    Examples
+    --------
+    >>> load_config(overrides={"cluster": {"kind": "address", "address": "tcp://h:8786"}}).cluster.address
+    'tcp://h:8786'
+    """
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        data = _read_yaml(Path(path))
+        source = str(path)
+    if overrides:
+        data = _deep_merge(data, overrides)
+        source = f"{source} + command-line flags" if path is not None else "command-line flags"
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source)) from None
+
+
+def dump_config(config: Config) -> str:
+    """The configuration as YAML text (what ``neurotrace config show`` prints).
+
+    Examples
+    --------
+    >>> "cluster:" in dump_config(Config())
+    True
+    """
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

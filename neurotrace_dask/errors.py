@@ -1,0 +1,30 @@
+"""User-facing errors.
+
+Every problem a user can cause (bad input, bad config, existing outputs) raises a
+:class:`NeurotraceError` whose message is one line naming the file or key and the
+problem. The CLI prints that line and exits non-zero; tracebacks only with ``--debug``.
+"""
+
+from __future__ import annotations
+
+
+class NeurotraceError(Exception):
+    """A problem with the user's input, configuration or outputs (one-line message)."""
+
+    exit_code = 2
+
+
+class InputError(NeurotraceError):
+    """An input file is missing, unreadable, corrupt or of an unsupported kind."""
+
+
+class ConfigError(NeurotraceError):
+    """A configuration file or flag is invalid (unknown key, wrong type, out of range)."""
+
+
+class OutputError(NeurotraceError):
+    """An output exists already, would overwrite an input, or cannot be written."""
+
+
+class SWCError(InputError):
+    """An SWC file does not parse or does not validate (message names the line)."""

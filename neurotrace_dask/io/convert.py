@@ -1,0 +1,287 @@
+"""``neurotrace convert``: any supported stack -> OME-Zarr, streamed block by block on Dask.
+
+Each task reads one slab of the input (aligned to whole output shards or chunks, so
+there is exactly one writer per storage object), writes it, and marks its block done.
+Pyramid levels are then built level by level from the one below. Everything is written
+under ``OUT.partial`` and renamed to ``OUT`` only when complete; an interrupted run
+resumes there (same input and parameters) or is refused (different ones).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import zarr
+from distributed import Client
+
+from ..blocks import Block, BlockGrid, DoneMarkers, layout_hash
+from ..cluster import open_client, run_tasks
+from ..config import ClusterConfig, ConvertConfig
+from ..errors import InputError, OutputError
+from .omezarr import ImageLayout, downsample_mean, mark_complete, plan_layout, write_image_metadata
+from .volumes import SUPPORTED_DTYPES, VolumeSource, open_volume
+
+__all__ = ["ConvertResult", "convert", "task_block_shape"]
+
+DONE_FOLDER = "neurotrace_done"
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    """What :func:`convert` wrote."""
+
+    path: Path
+    source: str
+    layout: ImageLayout
+    voxel_size_source: str
+    blocks_written: int
+    blocks_skipped: int
+    seconds: float
+    notes: tuple[str, ...] = field(default=())
+
+    def summary(self) -> str:
+        """A few human-readable lines: levels, chunking, voxel size, time."""
+        lines = [f"wrote {self.path}  (from {self.source})"]
+        for level in range(self.layout.levels):
+            shards = self.layout.shards[level]
+            lines.append(
+                f"  level {level}: shape {self.layout.shapes[level]} {self.layout.dtype}, chunks {self.layout.chunks[level]}"
+                + (f", shards {shards}" if shards else "")
+                + f", voxel {tuple(round(v, 4) for v in self.layout.voxel_sizes[level])} um"
+            )
+        lines.append(f"  voxel size from {self.voxel_size_source}")
+        lines.append(
+            f"  {self.blocks_written} blocks written, {self.blocks_skipped} already done, {self.seconds:.1f} s"
+        )
+        return "\n".join(lines + [f"  note: {n}" for n in self.notes])
+
+
+def task_block_shape(shape: tuple[int, int, int], unit: tuple[int, int, int], itemsize: int, task_bytes: int):
+    """Block shape of one conversion task: whole storage units, about ``task_bytes`` big.
+
+    Grows along x, then y, then z (the order TIFF pages are laid out), doubling while
+    the block stays within ``task_bytes``; worker memory is bounded by this, never by
+    the volume.
+
+    Examples
+    --------
+    >>> task_block_shape((1000, 4096, 4096), (64, 128, 128), 2, 64 << 20)
+    (64, 128, 4096)
+    """
+    block = list(unit)
+    for axis in (2, 1, 0):
+        while block[axis] < shape[axis] and math.prod(block) * 2 * itemsize <= task_bytes:
+            block[axis] *= 2
+        block[axis] = min(block[axis], math.ceil(shape[axis] / unit[axis]) * unit[axis])
+        if block[axis] < shape[axis]:
+            break
+    return tuple(block)
+
+
+def _check_paths(source: VolumeSource, out: Path, overwrite: bool) -> None:
+    inp = Path(source.path).resolve()
+    if out == inp or inp in out.parents:
+        raise OutputError(f"{out}: output would be written inside the input {inp}")
+    if out in inp.parents:
+        raise OutputError(f"{out}: the input {inp} lies inside this output; choose another output path")
+    if out.exists() and not overwrite:
+        raise OutputError(f"{out}: exists already; pass --overwrite to replace it")
+    if out.exists() and not (out / "zarr.json").exists():
+        raise OutputError(f"{out}: exists and is not a Zarr store; refusing to replace it even with --overwrite")
+
+
+def _output_dtype(source: VolumeSource, rescale: str | None) -> np.dtype:
+    dtype = np.dtype(source.dtype)
+    if rescale is not None:
+        return np.dtype(rescale)
+    if dtype not in SUPPORTED_DTYPES:
+        raise InputError(
+            f"{source.name}: dtype {dtype} is not supported (uint8 or uint16); pass --rescale uint8 or --rescale uint16"
+        )
+    return dtype
+
+
+def _value_range_task(block: Block, *, source: VolumeSource) -> tuple[float, float]:
+    data = source.read(block.write)
+    if data.dtype.kind == "f" and not np.isfinite(data).all():
+        raise InputError(f"{source.name}: contains NaN or Inf values (in region {_fmt(block.write)})")
+    return float(data.min()), float(data.max())
+
+
+def _rescale(data: np.ndarray, low: float, high: float, dtype: np.dtype) -> np.ndarray:
+    top = np.iinfo(dtype).max
+    scale = top / (high - low) if high > low else 0.0
+    return np.rint((data.astype(np.float64) - low) * scale).clip(0, top).astype(dtype)
+
+
+def _fmt(region: tuple[slice, ...]) -> str:
+    return "[" + ", ".join(f"{s.start}:{s.stop}" for s in region) + "]"
+
+
+def _write_level0(
+    block: Block, *, source: VolumeSource, store: str, value_range: tuple[float, float] | None, markers: DoneMarkers
+) -> int:
+    data = source.read(block.write)
+    array = zarr.open_array(f"{store}/0", mode="r+")
+    if value_range is not None:
+        if data.dtype.kind == "f" and not np.isfinite(data).all():
+            raise InputError(f"{source.name}: contains NaN or Inf values (in region {_fmt(block.write)})")
+        data = _rescale(data, *value_range, array.dtype)
+    array[block.write] = data
+    markers.mark_done(block.id)
+    return block.id
+
+
+def _write_level(block: Block, *, store: str, level: int, factors: tuple[int, int, int], markers: DoneMarkers) -> int:
+    below = zarr.open_array(f"{store}/{level - 1}", mode="r")
+    region = tuple(
+        slice(s.start * f, min(s.stop * f, n)) for s, f, n in zip(block.write, factors, below.shape)
+    )
+    zarr.open_array(f"{store}/{level}", mode="r+")[block.write] = downsample_mean(below[region], factors)
+    markers.mark_done(block.id)
+    return block.id
+
+
+def convert(
+    input: str | Path,
+    out: str | Path,
+    config: ConvertConfig | None = None,
+    *,
+    cluster: ClusterConfig | None = None,
+    client: Client | None = None,
+) -> ConvertResult:
+    """Convert an image stack to a multiscale OME-Zarr image, streaming on Dask.
+
+    Parameters
+    ----------
+    input
+        TIFF/BigTIFF, a folder of 2D TIFF slices, ``file.h5:/dataset``, or a Zarr array.
+    out
+        The ``.ome.zarr`` folder to write.
+    config
+        Chunks, shards, levels, voxel size, channel, rescaling, overwrite.
+    cluster, client
+        Where to run: an open ``client`` (left open), else a cluster made from ``cluster``.
+
+    Returns
+    -------
+    ConvertResult
+
+    Examples
+    --------
+    >>> import numpy as np, tifffile, tempfile, os
+    >>> from neurotrace_dask.config import ClusterConfig, LocalClusterConfig
+    >>> folder = tempfile.mkdtemp()
+    >>> tifffile.imwrite(f"{folder}/cell.tif", np.ones((8, 64, 64), np.uint16))
+    >>> local = ClusterConfig(local=LocalClusterConfig(processes=False, n_workers=1))
+    >>> result = convert(f"{folder}/cell.tif", f"{folder}/cell.ome.zarr", ConvertConfig(voxel_size=(1, .5, .5)), cluster=local)
+    >>> result.layout.shapes[0]
+    (8, 64, 64)
+    """
+    started = time.perf_counter()
+    config = config or ConvertConfig()
+    source = open_volume(input, channel=config.channel)
+    out = Path(out).resolve()
+    _check_paths(source, out, config.overwrite)
+    dtype = _output_dtype(source, config.rescale)
+    notes = list(source.notes)
+    if config.voxel_size is not None:
+        voxel_size, voxel_origin = tuple(config.voxel_size), "--voxel-size"
+    elif source.voxel_size is not None:
+        voxel_size, voxel_origin = source.voxel_size, "file metadata"
+    else:
+        voxel_size, voxel_origin = (1.0, 1.0, 1.0), "default (1 um; the file has none)"
+        notes.append("no voxel size in the file; assumed 1 x 1 x 1 um, pass --voxel-size Z Y X to set it")
+
+    layout = plan_layout(
+        source.shape, dtype, voxel_size, levels=config.levels, chunks=config.chunks, shards=config.shards
+    )
+    grids = [
+        BlockGrid(shape, task_block_shape(shape, layout.write_unit(level), dtype.itemsize, config.task_bytes), 0,
+                  layout.write_unit(level))
+        for level, shape in enumerate(layout.shapes)
+    ]
+    digest = layout_hash(
+        grids[0],
+        source=asdict(source),
+        layout=asdict(layout),
+        rescale=config.rescale,
+        compression_level=config.compression_level,
+        task_bytes=config.task_bytes,
+    )
+    partial = out.with_name(out.name + ".partial")
+    store = str(partial)
+    try:
+        resumed = _prepare_partial(partial, digest, config.overwrite)
+        if not resumed:
+            write_image_metadata(
+                partial, layout, name=Path(source.name).name, compression_level=config.compression_level,
+                extra={"layout_hash": digest, "source": source.name, "voxel_size_from": voxel_origin},
+            )
+        written = skipped = 0
+        with open_client(cluster, client) as active:
+            value_range = None
+            if config.rescale is not None:
+                ranges = run_tasks(active, _value_range_task, list(grids[0]), total=len(grids[0]),
+                                   description="value range", source=source)
+                value_range = (min(r[0] for r in ranges), max(r[1] for r in ranges))
+            for level, grid in enumerate(grids):
+                markers = DoneMarkers.open(partial / DONE_FOLDER / f"level{level}", grid, digest)
+                todo = markers.pending(grid)
+                skipped += len(grid) - len(todo)
+                written += len(todo)
+                if level == 0:
+                    task, kwargs = _write_level0, {"source": source, "value_range": value_range}
+                else:
+                    task, kwargs = _write_level, {"level": level, "factors": layout.factors[level]}
+                run_tasks(active, task, todo, total=len(todo), description=f"level {level}",
+                          store=store, markers=markers, **kwargs)
+        mark_complete(partial)
+        shutil.rmtree(partial / DONE_FOLDER)
+        _replace(partial, out)
+    except PermissionError as exc:
+        raise OutputError(f"{exc.filename or out}: cannot write ({exc.strerror})") from None
+    except OSError as exc:
+        if exc.errno is None:
+            raise
+        raise OutputError(f"{exc.filename or out}: cannot write ({exc.strerror})") from None
+    return ConvertResult(
+        out, source.name, layout, voxel_origin, written, skipped, time.perf_counter() - started, tuple(notes)
+    )
+
+
+def _prepare_partial(partial: Path, digest: str, overwrite: bool) -> bool:
+    """Whether an interrupted run with the same layout can be resumed in ``partial``."""
+    if not partial.exists():
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        return False
+    try:
+        previous = zarr.open_group(str(partial), mode="r").attrs.get("neurotrace", {}).get("layout_hash")
+    except Exception:
+        previous = None
+    if previous == digest and (partial / DONE_FOLDER).exists():
+        return True
+    if not overwrite:
+        raise OutputError(
+            f"{partial}: an interrupted conversion with other input or parameters is there; "
+            "pass --overwrite to discard it"
+        )
+    shutil.rmtree(partial)
+    return False
+
+
+def _replace(partial: Path, out: Path) -> None:
+    """Move the finished store into place; an existing output is removed only after."""
+    old = out.with_name(out.name + ".old")
+    if out.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        out.rename(old)
+    partial.rename(out)
+    if old.exists():
+        shutil.rmtree(old)

@@ -1,0 +1,273 @@
+"""OME-Zarr (NGFF 0.5 on Zarr v3) image stores: layout, metadata, pyramid, completion.
+
+The metadata is written by ``ome-zarr-py``; the arrays are plain Zarr v3 arrays with
+Blosc-Zstd compression, optional sharding and dimension names ``z, y, x``. A store
+carries a completion marker in its attributes (``attributes.neurotrace.complete``) so
+that a half-written store never looks finished.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+from ome_zarr.format import FormatV05
+from ome_zarr.writer import write_multiscales_metadata
+from zarr.codecs import BloscCodec, BloscShuffle
+
+from .. import __version__
+from ..errors import InputError
+
+__all__ = [
+    "ImageLayout",
+    "default_chunks",
+    "downsample_mean",
+    "is_complete",
+    "mark_complete",
+    "open_image",
+    "plan_layout",
+    "pyramid_factors",
+    "write_image_metadata",
+]
+
+Triple = tuple[int, int, int]
+AXES = ("z", "y", "x")
+
+
+def default_chunks(shape: Triple, dtype: np.dtype | str, target_bytes: int = 2 << 20) -> Triple:
+    """Chunk shape of about 1-2 MB: a cube-ish chunk halved along its longest axis until it fits.
+
+    Examples
+    --------
+    >>> default_chunks((1000, 4000, 4000), "uint8")
+    (128, 128, 128)
+    >>> default_chunks((1000, 4000, 4000), "uint16")
+    (64, 128, 128)
+    >>> default_chunks((10, 50, 60), "uint8")
+    (10, 50, 60)
+    """
+    itemsize = np.dtype(dtype).itemsize
+    chunks = [128, 128, 128]
+    while math.prod(chunks) * itemsize > target_bytes:
+        chunks[chunks.index(max(chunks))] //= 2
+    return tuple(min(c, s) for c, s in zip(chunks, shape))  # type: ignore[return-value]
+
+
+def pyramid_factors(voxel_size: tuple[float, float, float], levels: int) -> list[Triple]:
+    """Per-level downsampling factors (relative to the previous level).
+
+    Anisotropic volumes are first downsampled along their finer axes only, until the
+    voxels are roughly isotropic (within 1.5x); then all axes are halved together.
+
+    Examples
+    --------
+    >>> pyramid_factors((1.0, 0.33, 0.33), 4)
+    [(1, 2, 2), (1, 2, 2), (2, 2, 2)]
+    """
+    size = list(voxel_size)
+    factors: list[Triple] = []
+    for _ in range(levels - 1):
+        coarsest = max(size)
+        if coarsest / min(size) <= 1.5:
+            step = (2, 2, 2)
+        else:
+            step = tuple(2 if s * 1.5 < coarsest else 1 for s in size)
+        factors.append(step)  # type: ignore[arg-type]
+        size = [s * f for s, f in zip(size, step)]
+    return factors
+
+
+def auto_levels(shape: Triple, voxel_size: tuple[float, float, float], max_size: int = 512) -> int:
+    """Number of levels (full resolution included) until every axis is at most ``max_size``.
+
+    Examples
+    --------
+    >>> auto_levels((100, 2048, 2048), (1.0, 0.5, 0.5))
+    3
+    """
+    levels = 1
+    shape_now = list(shape)
+    while max(shape_now) > max_size and levels < 12:
+        (step,) = pyramid_factors(tuple(voxel_size), 2)  # type: ignore[arg-type]
+        voxel_size = tuple(v * f for v, f in zip(voxel_size, step))  # type: ignore[assignment]
+        shape_now = [math.ceil(n / f) for n, f in zip(shape_now, step)]
+        levels += 1
+    return levels
+
+
+@dataclass(frozen=True)
+class ImageLayout:
+    """Shapes, chunks, shards and voxel sizes of every pyramid level of one image.
+
+    Examples
+    --------
+    >>> layout = plan_layout((100, 1000, 1000), "uint8", (1.0, 0.5, 0.5), levels=2)
+    >>> layout.shapes
+    ((100, 1000, 1000), (100, 500, 500))
+    """
+
+    shapes: tuple[Triple, ...]
+    dtype: str
+    chunks: tuple[Triple, ...]
+    shards: tuple[Triple | None, ...]
+    factors: tuple[Triple, ...]
+    voxel_sizes: tuple[tuple[float, float, float], ...]
+
+    @property
+    def levels(self) -> int:
+        return len(self.shapes)
+
+    def write_unit(self, level: int) -> Triple:
+        """The storage unit one task must own whole: the shard, or the chunk when unsharded."""
+        return self.shards[level] or self.chunks[level]
+
+
+def plan_layout(
+    shape: Triple,
+    dtype: np.dtype | str,
+    voxel_size: tuple[float, float, float],
+    *,
+    levels: int | None = None,
+    chunks: Triple | None = None,
+    shards: Triple | None = None,
+) -> ImageLayout:
+    """Plan every level of a pyramid: shapes, storage chunks and shards, voxel sizes.
+
+    Examples
+    --------
+    >>> plan_layout((64, 64, 64), "uint16", (1, 1, 1), levels=1, chunks=(32, 32, 32)).chunks
+    ((32, 32, 32),)
+    """
+    levels = levels if levels is not None else auto_levels(shape, voxel_size)
+    steps = [(1, 1, 1)] + pyramid_factors(voxel_size, levels)
+    shapes, voxel_sizes, chunk_list, shard_list = [], [], [], []
+    current_shape, current_size = tuple(shape), tuple(voxel_size)
+    for step in steps:
+        current_shape = tuple(math.ceil(n / f) for n, f in zip(current_shape, step))
+        current_size = tuple(v * f for v, f in zip(current_size, step))
+        level_chunks = tuple(min(c, n) for c, n in zip(chunks or default_chunks(current_shape, dtype), current_shape))
+        level_shards = None
+        if shards is not None:
+            # Shards must stay a multiple of the chunks, also where a level is smaller than both.
+            level_shards = tuple(
+                max(c, min(s, math.ceil(n / c) * c)) for s, c, n in zip(shards, level_chunks, current_shape)
+            )
+            level_shards = tuple(s - s % c for s, c in zip(level_shards, level_chunks))
+        shapes.append(current_shape)
+        voxel_sizes.append(current_size)
+        chunk_list.append(level_chunks)
+        shard_list.append(level_shards)
+    return ImageLayout(
+        tuple(shapes), str(np.dtype(dtype)), tuple(chunk_list), tuple(shard_list), tuple(steps), tuple(voxel_sizes)
+    )
+
+
+def write_image_metadata(
+    path: str | Path,
+    layout: ImageLayout,
+    *,
+    name: str,
+    compression_level: int = 3,
+    extra: dict | None = None,
+) -> zarr.Group:
+    """Create the group, one empty array per level, and the NGFF 0.5 metadata.
+
+    The store is marked incomplete; call :func:`mark_complete` once every level holds
+    its data. ``extra`` goes into ``attributes.neurotrace`` (provenance, layout hash).
+    """
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    shuffle = BloscShuffle.bitshuffle if np.dtype(layout.dtype).itemsize > 1 else BloscShuffle.shuffle
+    for level in range(layout.levels):
+        group.create_array(
+            str(level),
+            shape=layout.shapes[level],
+            dtype=layout.dtype,
+            chunks=layout.chunks[level],
+            shards=layout.shards[level],
+            compressors=BloscCodec(cname="zstd", clevel=compression_level, shuffle=shuffle),
+            fill_value=0,
+            dimension_names=AXES,
+        )
+    datasets = [
+        {"path": str(level), "coordinateTransformations": [{"type": "scale", "scale": list(layout.voxel_sizes[level])}]}
+        for level in range(layout.levels)
+    ]
+    write_multiscales_metadata(
+        group,
+        datasets,
+        fmt=FormatV05(),
+        axes=[{"name": a, "type": "space", "unit": "micrometer"} for a in AXES],
+        name=name,
+    )
+    group.attrs["neurotrace"] = {"complete": False, "version": __version__, **(extra or {})}
+    return group
+
+
+def mark_complete(path: str | Path) -> None:
+    """Set the completion marker: the last thing written to a store."""
+    group = zarr.open_group(str(path), mode="r+")
+    group.attrs["neurotrace"] = {**group.attrs.get("neurotrace", {}), "complete": True}
+
+
+def is_complete(path: str | Path) -> bool:
+    """Whether ``path`` is a store this package finished writing."""
+    try:
+        group = zarr.open_group(str(path), mode="r")
+    except Exception:
+        return False
+    return bool(group.attrs.get("neurotrace", {}).get("complete", False))
+
+
+def open_image(path: str | Path) -> tuple[list[zarr.Array], tuple[float, float, float]]:
+    """Open a finished OME-Zarr image: its level arrays and full-resolution voxel size (um).
+
+    Raises
+    ------
+    InputError
+        If the store is missing, not OME-Zarr, or was never completed.
+    """
+    try:
+        group = zarr.open_group(str(path), mode="r")
+    except Exception:
+        raise InputError(f"{path}: not an OME-Zarr image (cannot open as a Zarr group)") from None
+    multiscales = group.attrs.get("ome", {}).get("multiscales")
+    if not multiscales:
+        raise InputError(f"{path}: Zarr group without OME-Zarr multiscales metadata")
+    if not group.attrs.get("neurotrace", {}).get("complete", True):
+        raise InputError(f"{path}: store is incomplete (an interrupted run?); rerun the command that writes it")
+    datasets = multiscales[0]["datasets"]
+    arrays = [group[d["path"]] for d in datasets]
+    scale = datasets[0]["coordinateTransformations"][0]["scale"]
+    return arrays, tuple(float(v) for v in scale[-3:])  # type: ignore[return-value]
+
+
+def downsample_mean(block: np.ndarray, factors: Triple) -> np.ndarray:
+    """Mean over ``factors``-sized windows; partial windows at the far edges average what they hold.
+
+    Integer output is rounded to nearest.
+
+    Examples
+    --------
+    >>> downsample_mean(np.array([[[0, 2, 4]]], np.uint8), (1, 1, 2))
+    array([[[1, 4]]], dtype=uint8)
+    """
+    shape = block.shape
+    padded_shape = tuple(math.ceil(n / f) * f for n, f in zip(block.shape, factors))
+    if padded_shape != block.shape:  # only blocks at the volume's far edges
+        block = np.pad(block, [(0, p - n) for p, n in zip(padded_shape, block.shape)])
+    windows: list[int] = []
+    for n, f in zip(padded_shape, factors):
+        windows += [n // f, f]
+    sums = block.reshape(windows).sum(axis=(1, 3, 5), dtype=np.float64)
+    # Voxels per window: the full factor except in the last, partial window of an axis.
+    counts = np.ones((1, 1, 1))
+    for axis, (n, f) in enumerate(zip(shape, factors)):
+        per_axis = np.minimum(f, n - np.arange(0, n, f)).astype(np.float64)
+        counts = counts * per_axis.reshape([-1 if a == axis else 1 for a in range(3)])
+    mean = sums / counts
+    if np.issubdtype(block.dtype, np.integer):
+        mean = np.rint(mean)
+    return mean.astype(block.dtype)

@@ -1,0 +1,514 @@
+"""Open any supported input volume lazily as a (z, y, x) source.
+
+Supported: multipage TIFF / BigTIFF (ImageJ hyperstacks and OME-TIFF included), a folder
+of 2D TIFF slices (natural sort order), an HDF5 dataset (``file.h5:/path``), and an
+existing Zarr array or OME-Zarr image. :func:`open_volume` reads only headers and
+metadata; :meth:`VolumeSource.read` reads one region. A source is a small picklable
+record that reopens its file on every read, because tifffile and h5py handles cannot
+be sent to Dask workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import struct
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import tifffile
+import zarr
+from natsort import natsorted
+
+from ..errors import InputError
+
+__all__ = ["SUPPORTED_DTYPES", "VolumeSource", "open_volume"]
+
+SUPPORTED_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16))
+TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8")
+HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".he5")
+
+Region = tuple[slice, slice, slice]
+
+# Micrometres per unit, for the unit names microscopes and ImageJ write.
+_UNIT_UM = {
+    "um": 1.0, "µm": 1.0, "\u00b5m": 1.0, "micron": 1.0, "microns": 1.0, "micrometer": 1.0,
+    "micrometre": 1.0, "nm": 1e-3, "nanometer": 1e-3, "mm": 1e3, "millimeter": 1e3,
+    "cm": 1e4, "m": 1e6, "pixel": None, "px": None, "": None,
+}
+
+
+@dataclass(frozen=True)
+class VolumeSource:
+    """A lazily readable 3D volume with axes (z, y, x).
+
+    Attributes
+    ----------
+    path
+        The input as the user named it.
+    kind
+        ``"tiff"``, ``"slices"``, ``"hdf5"`` or ``"zarr"``.
+    shape, dtype
+        Of the (z, y, x) volume after channel selection.
+    voxel_size
+        Micrometres (z, y, x) from the file's metadata, or ``None`` when it has none.
+    selection
+        For each axis of the file's native array: ``"z"``, ``"y"``, ``"x"`` or a fixed
+        integer index (a chosen channel, a squeezed length-1 axis).
+    notes
+        Things the user should be told (2D input read as one slice, ...).
+
+    Examples
+    --------
+    >>> import numpy as np, tifffile, tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "stack.tif")
+    >>> tifffile.imwrite(path, np.zeros((4, 8, 8), np.uint8), photometric="minisblack")
+    >>> source = open_volume(path)
+    >>> source.shape, source.read((slice(0, 2), slice(0, 8), slice(0, 8))).shape
+    ((4, 8, 8), (2, 8, 8))
+    """
+
+    path: str
+    kind: str
+    shape: tuple[int, int, int]
+    dtype: str
+    voxel_size: tuple[float, float, float] | None
+    selection: tuple[str | int, ...] = ("z", "y", "x")
+    key: str | None = None
+    files: tuple[str, ...] = ()
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def name(self) -> str:
+        """The input as the user would name it (``file.h5:/key`` for HDF5)."""
+        return f"{self.path}:{self.key}" if self.kind == "hdf5" else self.path
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+
+    def read(self, region: Region) -> np.ndarray:
+        """Read one (z, y, x) region as a C-contiguous array in native byte order."""
+        try:
+            if self.kind == "slices":
+                data = self._read_slices(region)
+            else:
+                with self._open_native() as native:
+                    data = self._select(native, region)
+        except InputError:
+            raise
+        except Exception as exc:  # any reader failure is a bad-input problem of this file
+            raise InputError(f"{self.name}: cannot read region {_fmt(region)} ({_short(exc)})") from None
+        return np.ascontiguousarray(data, dtype=np.dtype(self.dtype).newbyteorder("="))
+
+    def _select(self, native, region: Region) -> np.ndarray:
+        by_axis = dict(zip("zyx", region))
+        index = tuple(by_axis[s] if isinstance(s, str) else s for s in self.selection)
+        data = np.asarray(native[index])
+        order = [s for s in self.selection if isinstance(s, str)]
+        if "z" not in order:  # a 2D file read as one z-slice
+            data = data[np.newaxis][by_axis["z"]]
+            order.insert(0, "z")
+        return np.transpose(data, [order.index(a) for a in "zyx"])
+
+    def _open_native(self):
+        if self.kind == "tiff":
+            return _TiffArray(self.path)
+        if self.kind == "hdf5":
+            return _Hdf5Array(self.path, self.key)
+        return _ZarrArray(self.path, self.key)
+
+    def _read_slices(self, region: Region) -> np.ndarray:
+        zs, ys, xs = region
+        out = np.empty((zs.stop - zs.start, ys.stop - ys.start, xs.stop - xs.start), self.dtype)
+        for i, name in enumerate(self.files[zs]):
+            try:
+                with _TiffArray(name) as plane:
+                    out[i] = self._select(plane, (slice(0, 1), ys, xs))[0]
+            except Exception as exc:
+                raise InputError(f"{name}: cannot read slice ({_short(exc)})") from None
+        return out
+
+
+class _TiffArray:
+    """Context manager giving a sliceable view of a TIFF's first series.
+
+    Uncompressed contiguous data is memory-mapped (fast, reads only what is sliced);
+    anything else goes through tifffile's Zarr store, which decodes only the strips or
+    tiles a region touches.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __enter__(self):
+        self._tif = tifffile.TiffFile(self.path)
+        series = self._tif.series[0]
+        if series.dataoffset is not None:
+            stored = np.dtype(series.dtype).newbyteorder(self._tif.byteorder)
+            self.array = np.memmap(self.path, dtype=stored, mode="r", offset=series.dataoffset, shape=series.shape)
+        else:
+            self.array = zarr.open_array(series.aszarr(), mode="r")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.array = None
+        self._tif.close()
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape)
+
+    def __getitem__(self, index):
+        return self.array[index]
+
+
+class _Hdf5Array:
+    def __init__(self, path: str, key: str | None):
+        self.path, self.key = path, key
+
+    def __enter__(self):
+        import h5py
+
+        self._file = h5py.File(self.path, "r")
+        return self._file[self.key]
+
+    def __exit__(self, *exc) -> None:
+        self._file.close()
+
+
+class _ZarrArray:
+    def __init__(self, path: str, key: str | None):
+        self.path, self.key = path, key
+
+    def __enter__(self):
+        return zarr.open_array(self.path if self.key is None else os.path.join(self.path, self.key), mode="r")
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def _fmt(region: Region) -> str:
+    return "[" + ", ".join(f"{s.start}:{s.stop}" for s in region) + "]"
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _choose_axes(path: str, axes: str, shape: tuple[int, ...], channel: int | None) -> tuple[tuple[str | int, ...], list[str]]:
+    """Map a file's native axes onto (z, y, x) plus fixed indices.
+
+    ``axes`` uses tifffile's letters: Z depth, Y/X plane, C channel, S samples (RGB),
+    T time, and I/Q/others for unlabelled page sequences (read as depth).
+    """
+    notes: list[str] = []
+    if 0 in shape:
+        raise InputError(f"{path}: volume has an empty axis (axes {axes}, shape {shape})")
+    if "Y" not in axes or "X" not in axes:
+        raise InputError(f"{path}: cannot find y and x axes (axes {axes}, shape {shape})")
+    selection: list[str | int] = []
+    depth_axes = [i for i, a in enumerate(axes) if a not in "YXCST" and shape[i] > 1]
+    if len(depth_axes) > 1 and "Z" in axes:
+        depth_axes = [axes.index("Z")] if shape[axes.index("Z")] > 1 else depth_axes
+    if len(depth_axes) > 1:
+        raise InputError(f"{path}: more than one depth-like axis (axes {axes}, shape {shape})")
+    channel_axes = [i for i, a in enumerate(axes) if a in "CS" and shape[i] > 1]
+    if len(channel_axes) > 1:
+        raise InputError(f"{path}: both channels and colour samples (axes {axes}, shape {shape}); not supported")
+    for i, (letter, size) in enumerate(zip(axes, shape)):
+        if letter == "Y":
+            selection.append("y")
+        elif letter == "X":
+            selection.append("x")
+        elif i in depth_axes:
+            selection.append("z")
+        elif i in channel_axes:
+            kind = "colour samples (RGB)" if letter == "S" else "channels"
+            if channel is None:
+                raise InputError(f"{path}: has {size} {kind}; choose one with --channel (0-{size - 1})")
+            if channel >= size:
+                raise InputError(f"{path}: --channel {channel} out of range, the file has {size} {kind}")
+            selection.append(channel)
+        elif letter == "T" and size > 1:
+            raise InputError(f"{path}: is a time series ({size} time points); convert one time point at a time")
+        else:
+            selection.append(0)
+    if channel is not None and not channel_axes:
+        if channel != 0:
+            raise InputError(f"{path}: --channel {channel} given but the file has a single channel")
+    if "z" not in selection:
+        notes.append(f"{path}: 2D image, read as a volume of one z-slice")
+    return tuple(selection), notes
+
+
+def _unit_um(unit: str | None) -> float | None:
+    if unit is None:
+        return None
+    return _UNIT_UM.get(unit.strip().lower().replace("\\u00b5", "\u00b5"), None)
+
+
+def _tiff_voxel_size(tif: tifffile.TiffFile) -> tuple[float, float, float] | None:
+    if tif.is_ome and tif.ome_metadata:
+        try:
+            root = ET.fromstring(tif.ome_metadata)
+            pixels = next(el for el in root.iter() if el.tag.endswith("Pixels"))
+            sizes = []
+            for axis in "ZYX":
+                value = pixels.get(f"PhysicalSize{axis}")
+                scale = _unit_um(pixels.get(f"PhysicalSize{axis}Unit", "µm"))
+                sizes.append(float(value) * scale if value is not None and scale else None)
+            if sizes[1] and sizes[2]:
+                return (sizes[0] or 1.0, sizes[1], sizes[2])
+        except (ET.ParseError, StopIteration, ValueError):
+            pass
+    page = tif.pages.first
+    xres, yres = page.tags.get("XResolution"), page.tags.get("YResolution")
+    meta = tif.imagej_metadata or {}
+    scale = _unit_um(meta.get("unit")) if tif.is_imagej else None
+    if scale is None and not tif.is_imagej:
+        unit_tag = page.tags.get("ResolutionUnit")
+        scale = {3: 1e4, 2: 25.4e3}.get(int(unit_tag.value) if unit_tag else 0)
+    if scale is None or xres is None or yres is None:
+        return None
+    try:
+        x = scale * xres.value[1] / xres.value[0]
+        y = scale * yres.value[1] / yres.value[0]
+    except ZeroDivisionError:
+        return None
+    z = float(meta.get("spacing", 1.0)) * (scale if tif.is_imagej else 1.0)
+    return (z, y, x)
+
+
+def _check_tiff_length(path: str, tif: tifffile.TiffFile, series) -> None:
+    size = os.path.getsize(path)
+    if series.dataoffset is not None:
+        end = series.dataoffset + series.nbytes
+    else:
+        page = series.pages[-1] if len(series.pages) else None
+        page = page.aspage() if page is not None else None
+        end = max((o + c for o, c in zip(page.dataoffsets, page.databytecounts)), default=0) if page else 0
+    if end > size:
+        raise InputError(f"{path}: truncated TIFF (data runs to byte {end}, file has {size})")
+
+
+class _TiffWarnings(logging.Handler):
+    """Collects what tifffile logs while parsing: it reports a broken page chain as a
+    warning and carries on with the pages it could read, which would silently shorten
+    a truncated stack."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def __enter__(self) -> _TiffWarnings:
+        self._logger = logging.getLogger("tifffile")
+        self._logger.addHandler(self)
+        self._propagate, self._logger.propagate = self._logger.propagate, False
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._logger.removeHandler(self)
+        self._logger.propagate = self._propagate
+
+    def corruption(self) -> str | None:
+        bad = ("invalid page offset", "truncat", "corrupt", "invalid tag", "not a valid")
+        return next((m for m in self.messages if any(b in m.lower() for b in bad)), None)
+
+
+def _open_tiff(path: str, channel: int | None) -> VolumeSource:
+    try:
+        with _TiffWarnings() as warnings, tifffile.TiffFile(path) as tif:
+            if not tif.series:
+                raise InputError(f"{path}: TIFF holds no image")
+            series = tif.series[0]
+            if warnings.corruption():
+                raise InputError(f"{path}: corrupt or truncated TIFF ({warnings.corruption().splitlines()[0]})")
+            _check_tiff_length(path, tif, series)
+            selection, notes = _choose_axes(path, series.axes, series.shape, channel)
+            voxel_size = _tiff_voxel_size(tif)
+            dtype = series.dtype
+    except InputError:
+        raise
+    except tifffile.TiffFileError as exc:
+        raise InputError(f"{path}: not a readable TIFF ({_short(exc)})") from None
+    except (OSError, ValueError, IndexError, KeyError, struct.error) as exc:
+        raise InputError(f"{path}: corrupt TIFF ({_short(exc)})") from None
+    return _finish(path, "tiff", series.shape, selection, str(dtype), voxel_size, notes)
+
+
+def _finish(path, kind, native_shape, selection, dtype, voxel_size, notes, key=None) -> VolumeSource:
+    sizes = {"z": 1} | {s: n for s, n in zip(selection, native_shape) if isinstance(s, str)}
+    shape = (sizes["z"], sizes["y"], sizes["x"])
+    if 0 in shape:
+        name = f"{path}:{key}" if kind == "hdf5" else path
+        raise InputError(f"{name}: volume has an empty axis (shape z,y,x = {shape})")
+    return VolumeSource(path, kind, shape, dtype, voxel_size, selection, key, (), tuple(notes))
+
+
+def _open_slices(folder: Path, channel: int | None) -> VolumeSource:
+    files = natsorted(str(p) for p in folder.iterdir() if p.suffix.lower() in TIFF_SUFFIXES and p.is_file())
+    if not files:
+        raise InputError(f"{folder}: folder holds no .tif/.tiff slices")
+    first = _open_tiff(files[0], channel)
+    if first.shape[0] != 1:
+        raise InputError(f"{files[0]}: expected 2D slices in {folder}, found a stack of {first.shape[0]}")
+    plane = None
+    for name in files:
+        try:
+            with tifffile.TiffFile(name) as tif:
+                shape = tif.series[0].shape
+                dtype = tif.series[0].dtype
+        except Exception as exc:
+            raise InputError(f"{name}: not a readable TIFF slice ({_short(exc)})") from None
+        if plane is None:
+            plane = (shape, dtype)
+        elif (shape, dtype) != plane:
+            raise InputError(f"{name}: slice is {shape} {dtype}, but {Path(files[0]).name} is {plane[0]} {plane[1]}")
+    return VolumeSource(
+        str(folder), "slices", (len(files), first.shape[1], first.shape[2]), first.dtype, first.voxel_size,
+        first.selection, None, tuple(files), (),
+    )
+
+
+def _split_hdf5(path: str) -> tuple[str, str | None] | None:
+    match = re.match(r"^(.*?\.(?:h5|hdf5|hdf|he5))(?::(.*))?$", path, flags=re.IGNORECASE)
+    if not match:
+        return None
+    return match.group(1), match.group(2)
+
+
+def _open_hdf5(file: str, key: str | None, channel: int | None) -> VolumeSource:
+    import h5py
+
+    if not os.path.exists(file):
+        raise InputError(f"{file}: does not exist")
+    try:
+        with h5py.File(file, "r") as h5:
+            if not key:
+                candidates: list[str] = []
+                h5.visititems(lambda name, obj: candidates.append(name) if isinstance(obj, h5py.Dataset) and obj.ndim >= 2 else None)
+                if len(candidates) != 1:
+                    raise InputError(f"{file}: name the dataset as {file}:/path (found {', '.join(candidates) or 'none'})")
+                key = candidates[0]
+            if key not in h5 or not isinstance(h5[key], h5py.Dataset):
+                raise InputError(f"{file}: no dataset '{key}'")
+            dataset = h5[key]
+            axes = _guess_axes(f"{file}:{key}", dataset.shape)
+            selection, notes = _choose_axes(f"{file}:{key}", axes, dataset.shape, channel)
+            voxel_size = _attr_voxel_size(dataset.attrs)
+            dtype = str(dataset.dtype)
+    except InputError:
+        raise
+    except OSError as exc:
+        raise InputError(f"{file}: not a readable HDF5 file ({_short(exc)})") from None
+    return _finish(file, "hdf5", dataset.shape, selection, dtype, voxel_size, notes, key=key)
+
+
+def _attr_voxel_size(attrs) -> tuple[float, float, float] | None:
+    # ilastik / Fiji HDF5 convention: element_size_um in (z, y, x) order.
+    value = attrs.get("element_size_um")
+    if value is None or len(value) != 3:
+        return None
+    return tuple(float(v) for v in value)  # type: ignore[return-value]
+
+
+def _guess_axes(name: str, shape: tuple[int, ...]) -> str:
+    """Axes of an HDF5/Zarr array that carries no axis names: zyx, yx, czyx or zyxc."""
+    if len(shape) == 2:
+        return "YX"
+    if len(shape) == 3:
+        return "ZYX"
+    if len(shape) == 4:
+        if shape[0] <= 8 < shape[-1]:
+            return "CZYX"
+        if shape[-1] <= 8 < shape[0]:
+            return "ZYXC"
+    raise InputError(f"{name}: cannot tell the axes of a {len(shape)}D array of shape {shape}; expected z,y,x")
+
+
+def _open_zarr(path: str, channel: int | None) -> VolumeSource:
+    try:
+        node = zarr.open(path, mode="r")
+    except Exception as exc:
+        raise InputError(f"{path}: not a readable Zarr store ({_short(exc)})") from None
+    key = None
+    voxel_size = None
+    axes: str | None = None
+    if isinstance(node, zarr.Group):
+        attrs = dict(node.attrs)
+        multiscales = attrs.get("ome", attrs).get("multiscales")
+        if not multiscales:
+            raise InputError(f"{path}: a Zarr group without OME multiscales metadata; name an array inside it")
+        image = multiscales[0]
+        dataset = image["datasets"][0]
+        key = dataset["path"]
+        names = [a["name"] if isinstance(a, dict) else a for a in image.get("axes", [])]
+        axes = "".join(n.upper() for n in names) if names else None
+        scales = [t for t in dataset.get("coordinateTransformations", []) if t.get("type") == "scale"]
+        if scales and names:
+            by_axis = dict(zip(names, scales[0]["scale"]))
+            if all(a in by_axis for a in "zyx"):
+                voxel_size = tuple(float(by_axis[a]) for a in "zyx")
+        array = node[key]
+    else:
+        array = node
+        dims = getattr(array.metadata, "dimension_names", None)
+        if dims and all(dims):
+            axes = "".join(d.upper() for d in dims)
+    axes = axes or _guess_axes(path, array.shape)
+    selection, notes = _choose_axes(path, axes, array.shape, channel)
+    return _finish(path, "zarr", array.shape, selection, str(array.dtype), voxel_size, notes, key=key)
+
+
+def open_volume(path: str | os.PathLike, *, channel: int | None = None) -> VolumeSource:
+    """Open an input volume lazily, reading only its headers.
+
+    Parameters
+    ----------
+    path
+        A TIFF/BigTIFF file, a folder of 2D TIFF slices, ``file.h5:/dataset``, or a
+        Zarr array / OME-Zarr image folder.
+    channel
+        The channel (or RGB sample) to take from multichannel input.
+
+    Raises
+    ------
+    InputError
+        One line naming the file and the problem.
+
+    Examples
+    --------
+    >>> import numpy as np, tifffile, tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "rgb.tif")
+    >>> tifffile.imwrite(path, np.zeros((2, 8, 8, 3), np.uint8), photometric="rgb")
+    >>> open_volume(path, channel=1).shape
+    (2, 8, 8)
+    """
+    text = os.fspath(path)
+    hdf5 = _split_hdf5(text)
+    if hdf5 is not None:
+        return _open_hdf5(hdf5[0], hdf5[1], channel)
+    p = Path(text)
+    if not p.exists():
+        raise InputError(f"{text}: does not exist")
+    if p.is_dir():
+        if (p / "zarr.json").exists() or (p / ".zarray").exists() or (p / ".zgroup").exists():
+            return _open_zarr(text, channel)
+        return _open_slices(p, channel)
+    if p.stat().st_size == 0:
+        raise InputError(f"{text}: file is empty")
+    with open(p, "rb") as fh:
+        magic = fh.read(4)
+    if magic[:2] in (b"II", b"MM"):
+        return _open_tiff(text, channel)
+    if magic == b"\x89HDF":
+        return _open_hdf5(text, None, channel)
+    raise InputError(f"{text}: not a TIFF, HDF5 or Zarr input (unrecognised file header)")

@@ -1,0 +1,99 @@
+"""The ``neurotrace`` command as a user runs it: real processes, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import yaml
+
+from neurotrace_dask import __version__
+from neurotrace_dask.io.omezarr import open_image
+
+NEUROTRACE = str(Path(sys.executable).with_name("neurotrace"))
+
+
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([NEUROTRACE, *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_version_and_help():
+    assert run("--version").stdout.strip() == f"neurotrace_dask {__version__}"
+    for command in ([], ["info"], ["convert"], ["config", "show"], ["swc", "check"], ["demo"]):
+        result = run(*command, "--help")
+        assert result.returncode == 0 and "Usage" in result.stdout, command
+
+
+def test_info():
+    result = run("info")
+    assert result.returncode == 0
+    assert "torch" in result.stdout and "gpu" in result.stdout and "cpu cores" in result.stdout
+
+
+def test_config_show_merges_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("convert:\n  levels: 5\n")
+    shown = yaml.safe_load(run("config", "show", str(path)).stdout)
+    assert shown["convert"]["levels"] == 5 and shown["cluster"]["kind"] == "local"
+
+
+def test_bad_config_is_one_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("convert:\n  levles: 5\n")
+    result = run("config", "show", str(path))
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {path}: unknown key 'convert.levles'"
+
+
+def test_convert_flags_override_config(tmp_path):
+    data = np.random.default_rng(0).integers(0, 255, (6, 40, 50), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "in.tif", data)
+    config = tmp_path / "c.yaml"
+    config.write_text("convert:\n  levels: 3\n  voxel_size: [2, 1, 1]\n")
+    out = tmp_path / "out.ome.zarr"
+    result = run("convert", str(tmp_path / "in.tif"), str(out), "--config", str(config), "--levels", "2",
+                 "--voxel-size", "1.5", "0.5", "0.5", "--chunks", "4", "16", "16", "--workers", "1", "--threads", "1")
+    assert result.returncode == 0, result.stderr
+    assert "level 1" in result.stdout and "level 2" not in result.stdout
+    arrays, voxel_size = open_image(out)
+    assert len(arrays) == 2 and voxel_size == (1.5, 0.5, 0.5)
+    np.testing.assert_array_equal(arrays[0][:], data)
+    again = run("convert", str(tmp_path / "in.tif"), str(out))
+    assert again.returncode == 2 and "exists already; pass --overwrite" in again.stderr
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["convert", "missing.tif", "out.ome.zarr"], "missing.tif: does not exist"),
+        (["convert", "rgb.tif", "out.ome.zarr"], "choose one with --channel"),
+        (["convert", "in.tif", "out.ome.zarr", "--scheduler", "tcp://127.0.0.1:9", "--slurm"], "exclude each other"),
+        (["swc", "check", "bad.swc"], "bad.swc line 3: z is not a number"),
+    ],
+)
+def test_errors_are_one_line_without_traceback(tmp_path, args, needle):
+    tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((2, 8, 8, 3), np.uint8), photometric="rgb")
+    tifffile.imwrite(tmp_path / "in.tif", np.zeros((2, 8, 8), np.uint8))
+    (tmp_path / "bad.swc").write_text("# header\n1 1 0 0 0 1 -1 \n2 3 1 1 x 1 1\n")
+    result = run(*args, cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], result.stderr
+    assert not (tmp_path / "out.ome.zarr").exists()
+
+
+def test_debug_shows_traceback(tmp_path):
+    result = run("--debug", "convert", "missing.tif", "out.ome.zarr", cwd=tmp_path)
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_demo(tmp_path):
+    result = run("demo", "--out", str(tmp_path / "demo"))
+    assert result.returncode == 0, result.stderr
+    assert "demo.ome.zarr" in result.stdout
+    arrays, voxel_size = open_image(tmp_path / "demo" / "demo.ome.zarr")
+    assert voxel_size == (1.0, 0.3, 0.3) and arrays[0].shape == (64, 256, 256)
