@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import dask
 from distributed import Client, LocalCluster, as_completed
 from tqdm.auto import tqdm
 
@@ -92,16 +93,20 @@ def get_client(config: ClusterConfig | None = None) -> Client:
     # local.host (loopback by default) so nothing is exposed to the network by accident.
     network = {"host": local.host} if local.processes else {}
     dashboard_host = config.dashboard_address.rsplit(":", 1)[0]
-    cluster = LocalCluster(
-        n_workers=local.n_workers,
-        threads_per_worker=local.threads_per_worker,
-        processes=local.processes,
-        memory_limit=local.memory_limit,
-        dashboard_address=config.dashboard_address,
-        worker_dashboard_address=f"{dashboard_host}:0",
-        silence_logs=logging.ERROR,
-        **network,
-    )
+    # distributed sets MALLOC_TRIM_THRESHOLD_ in worker processes, which fixes glibc's mmap
+    # threshold low: every chunk buffer then page-faults fresh memory, and Zarr writes ran
+    # 2.5x slower than in this process (measured). Block tasks have bounded memory anyway.
+    with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
+        cluster = LocalCluster(
+            n_workers=local.n_workers,
+            threads_per_worker=local.threads_per_worker,
+            processes=local.processes,
+            memory_limit=local.memory_limit,
+            dashboard_address=config.dashboard_address,
+            worker_dashboard_address=f"{dashboard_host}:0",
+            silence_logs=logging.ERROR,
+            **network,
+        )
     return Client(cluster)
 
 

@@ -126,7 +126,7 @@ class ConvertConfig(_Strict):
     voxel_size: VoxelSize | None = None
     channel: Annotated[int, Field(ge=0)] | None = None
     rescale: Literal["uint8", "uint16"] | None = None
-    compression_level: Annotated[int, Field(ge=0, le=9)] = 3
+    compression_level: Annotated[int, Field(ge=0, le=9)] = 1
     # Target bytes of input one task reads and writes: bounds worker memory.
     task_bytes: Annotated[int, Field(ge=1 << 16)] = 64 << 20
     overwrite: bool = False

@@ -1,8 +1,9 @@
 """``neurotrace convert``: any supported stack -> OME-Zarr, streamed block by block on Dask.
 
-Each task reads one slab of the input (aligned to whole output shards or chunks, so
-there is exactly one writer per storage object), writes it, and marks its block done.
-Pyramid levels are then built level by level from the one below. Everything is written
+Each task reads one slab of the input (aligned to whole output shards or chunks of every
+level it writes, so there is exactly one writer per storage object), writes it, builds
+the first pyramid levels from it in memory, and marks its block done. Any coarser levels
+are then built pass by pass from the level below. Everything is written
 under ``OUT.partial`` and renamed to ``OUT`` only when complete; an interrupted run
 resumes there (same input and parameters) or is refused (different ones).
 """
@@ -26,7 +27,7 @@ from ..errors import InputError, OutputError
 from .omezarr import ImageLayout, downsample_mean, mark_complete, plan_layout, write_image_metadata
 from .volumes import SUPPORTED_DTYPES, VolumeSource, open_volume
 
-__all__ = ["ConvertResult", "convert", "task_block_shape"]
+__all__ = ["ConvertResult", "convert", "plan_tasks", "task_block_shape"]
 
 DONE_FOLDER = "neurotrace_done"
 
@@ -123,21 +124,35 @@ def _fmt(region: tuple[slice, ...]) -> str:
     return "[" + ", ".join(f"{s.start}:{s.stop}" for s in region) + "]"
 
 
-def _write_level0(
-    block: Block, *, source: VolumeSource, store: str, value_range: tuple[float, float] | None, markers: DoneMarkers
+def _write_levels(
+    block: Block,
+    *,
+    source: VolumeSource,
+    store: str,
+    value_range: tuple[float, float] | None,
+    factors: tuple[tuple[int, int, int], ...],
+    markers: DoneMarkers,
 ) -> int:
+    """Read one input slab, write it to level 0, and build levels 1..len(factors) from it in memory."""
     data = source.read(block.write)
-    array = zarr.open_array(f"{store}/0", mode="r+")
     if value_range is not None:
         if data.dtype.kind == "f" and not np.isfinite(data).all():
             raise InputError(f"{source.name}: contains NaN or Inf values (in region {_fmt(block.write)})")
-        data = _rescale(data, *value_range, array.dtype)
-    array[block.write] = data
+        data = _rescale(data, *value_range, zarr.open_array(f"{store}/0", mode="r").dtype)
+    region = block.write
+    zarr.open_array(f"{store}/0", mode="r+")[region] = data
+    for level, step in enumerate(factors, start=1):
+        data = downsample_mean(data, step)
+        # The block is aligned to whole storage units of every level it builds, so the
+        # downsampled slab is exactly this task's own shards/chunks of that level.
+        region = tuple(slice(s.start // f, s.start // f + n) for s, f, n in zip(region, step, data.shape))
+        zarr.open_array(f"{store}/{level}", mode="r+")[region] = data
     markers.mark_done(block.id)
     return block.id
 
 
 def _write_level(block: Block, *, store: str, level: int, factors: tuple[int, int, int], markers: DoneMarkers) -> int:
+    """Build one block of a pyramid level from the level below, read back from the store."""
     below = zarr.open_array(f"{store}/{level - 1}", mode="r")
     region = tuple(
         slice(s.start * f, min(s.stop * f, n)) for s, f, n in zip(block.write, factors, below.shape)
@@ -145,6 +160,34 @@ def _write_level(block: Block, *, store: str, level: int, factors: tuple[int, in
     zarr.open_array(f"{store}/{level}", mode="r+")[block.write] = downsample_mean(below[region], factors)
     markers.mark_done(block.id)
     return block.id
+
+
+def plan_tasks(layout: ImageLayout, task_bytes: int) -> tuple[int, list[BlockGrid]]:
+    """Task grids of a conversion, and how many levels the level-0 tasks build themselves.
+
+    Level-0 tasks build as many pyramid levels in memory as they can while their block,
+    aligned to whole storage units of each such level, stays within ``task_bytes``; each
+    remaining level is one more pass over the level below. Returns ``(in_task_levels,
+    grids)`` where ``grids[0]`` is the level-0 grid and ``grids[k]`` the pass for level
+    ``in_task_levels + k - 1``.
+    """
+    itemsize = np.dtype(layout.dtype).itemsize
+    align = layout.write_unit(0)
+    built = 1
+    scale = (1, 1, 1)
+    for level in range(1, layout.levels):
+        scale = tuple(a * b for a, b in zip(scale, layout.factors[level]))
+        unit = tuple(u * f for u, f in zip(layout.write_unit(level), scale))
+        candidate = tuple(math.lcm(a, b) for a, b in zip(align, unit))
+        if math.prod(candidate) * itemsize > task_bytes:
+            break
+        align, built = candidate, level + 1
+    grids = [BlockGrid(layout.shapes[0], task_block_shape(layout.shapes[0], align, itemsize, task_bytes), 0, align)]
+    for level in range(built, layout.levels):
+        unit = layout.write_unit(level)
+        shape = layout.shapes[level]
+        grids.append(BlockGrid(shape, task_block_shape(shape, unit, itemsize, task_bytes), 0, unit))
+    return built, grids
 
 
 def convert(
@@ -201,11 +244,7 @@ def convert(
     layout = plan_layout(
         source.shape, dtype, voxel_size, levels=config.levels, chunks=config.chunks, shards=config.shards
     )
-    grids = [
-        BlockGrid(shape, task_block_shape(shape, layout.write_unit(level), dtype.itemsize, config.task_bytes), 0,
-                  layout.write_unit(level))
-        for level, shape in enumerate(layout.shapes)
-    ]
+    built, grids = plan_tasks(layout, config.task_bytes)
     digest = layout_hash(
         grids[0],
         source=asdict(source),
@@ -230,16 +269,20 @@ def convert(
                 ranges = run_tasks(active, _value_range_task, list(grids[0]), total=len(grids[0]),
                                    description="value range", source=source)
                 value_range = (min(r[0] for r in ranges), max(r[1] for r in ranges))
-            for level, grid in enumerate(grids):
+            for step, grid in enumerate(grids):
+                level = 0 if step == 0 else built + step - 1
                 markers = DoneMarkers.open(partial / DONE_FOLDER / f"level{level}", grid, digest)
                 todo = markers.pending(grid)
                 skipped += len(grid) - len(todo)
                 written += len(todo)
                 if level == 0:
-                    task, kwargs = _write_level0, {"source": source, "value_range": value_range}
+                    task = _write_levels
+                    kwargs = {"source": source, "value_range": value_range, "factors": layout.factors[1:built]}
+                    description = f"levels 0-{built - 1}" if built > 1 else "level 0"
                 else:
                     task, kwargs = _write_level, {"level": level, "factors": layout.factors[level]}
-                run_tasks(active, task, todo, total=len(todo), description=f"level {level}",
+                    description = f"level {level}"
+                run_tasks(active, task, todo, total=len(todo), description=description,
                           store=store, markers=markers, **kwargs)
         mark_complete(partial)
         shutil.rmtree(partial / DONE_FOLDER)

@@ -170,7 +170,7 @@ def write_image_metadata(
     layout: ImageLayout,
     *,
     name: str,
-    compression_level: int = 3,
+    compression_level: int = 1,
     extra: dict | None = None,
 ) -> zarr.Group:
     """Create the group, one empty array per level, and the NGFF 0.5 metadata.
@@ -179,7 +179,6 @@ def write_image_metadata(
     its data. ``extra`` goes into ``attributes.neurotrace`` (provenance, layout hash).
     """
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
-    shuffle = BloscShuffle.bitshuffle if np.dtype(layout.dtype).itemsize > 1 else BloscShuffle.shuffle
     for level in range(layout.levels):
         group.create_array(
             str(level),
@@ -187,7 +186,7 @@ def write_image_metadata(
             dtype=layout.dtype,
             chunks=layout.chunks[level],
             shards=layout.shards[level],
-            compressors=BloscCodec(cname="zstd", clevel=compression_level, shuffle=shuffle),
+            compressors=BloscCodec(cname="zstd", clevel=compression_level, shuffle=BloscShuffle.shuffle),
             fill_value=0,
             dimension_names=AXES,
         )
@@ -247,27 +246,42 @@ def open_image(path: str | Path) -> tuple[list[zarr.Array], tuple[float, float, 
 def downsample_mean(block: np.ndarray, factors: Triple) -> np.ndarray:
     """Mean over ``factors``-sized windows; partial windows at the far edges average what they hold.
 
-    Integer output is rounded to nearest.
+    Integer means are rounded half up, in exact integer arithmetic.
 
     Examples
     --------
-    >>> downsample_mean(np.array([[[0, 2, 4]]], np.uint8), (1, 1, 2))
-    array([[[1, 4]]], dtype=uint8)
+    >>> downsample_mean(np.array([[[0, 2, 4, 5]]], np.uint8), (1, 1, 2))
+    array([[[1, 5]]], dtype=uint8)
     """
-    shape = block.shape
-    padded_shape = tuple(math.ceil(n / f) * f for n, f in zip(block.shape, factors))
-    if padded_shape != block.shape:  # only blocks at the volume's far edges
-        block = np.pad(block, [(0, p - n) for p, n in zip(padded_shape, block.shape)])
-    windows: list[int] = []
-    for n, f in zip(padded_shape, factors):
-        windows += [n // f, f]
-    sums = block.reshape(windows).sum(axis=(1, 3, 5), dtype=np.float64)
-    # Voxels per window: the full factor except in the last, partial window of an axis.
-    counts = np.ones((1, 1, 1))
-    for axis, (n, f) in enumerate(zip(shape, factors)):
-        per_axis = np.minimum(f, n - np.arange(0, n, f)).astype(np.float64)
+    small_unsigned = block.dtype.kind == "u" and block.dtype.itemsize <= 2
+    accumulator = np.uint32 if small_unsigned else np.float64
+    total = block
+    counts = np.ones((1, 1, 1), accumulator)
+    for axis, f in enumerate(factors):
+        if f == 1:
+            continue
+        n = total.shape[axis]
+        # f strided adds per axis, accumulating in a wider type: far cheaper than a
+        # reshape-and-sum over a float copy. The k = 0 part has the output's length.
+        parts = [total[(slice(None),) * axis + (slice(k, None, f),)] for k in range(min(f, n))]
+        if len(parts) > 1 and parts[1].shape == parts[0].shape:
+            summed = np.add(parts[0], parts[1], dtype=accumulator)
+            parts = parts[2:]
+        else:
+            summed = parts[0].astype(accumulator)
+            parts = parts[1:]
+        for part in parts:
+            summed[(slice(None),) * axis + (slice(0, part.shape[axis]),)] += part
+        total = summed
+        per_axis = np.minimum(f, n - np.arange(0, n, f)).astype(accumulator)
         counts = counts * per_axis.reshape([-1 if a == axis else 1 for a in range(3)])
-    mean = sums / counts
-    if np.issubdtype(block.dtype, np.integer):
-        mean = np.rint(mean)
-    return mean.astype(block.dtype)
+    if total is block:
+        return block.copy()
+    if counts.min() == counts.max():
+        counts = counts.flat[0]  # no partial window: divide by a scalar
+    if small_unsigned:
+        total += counts // 2
+        total //= counts
+        return total.astype(block.dtype)
+    mean = total / counts
+    return (np.floor(mean + 0.5) if block.dtype.kind in "iu" else mean).astype(block.dtype)

@@ -166,3 +166,26 @@ def test_task_blocks_are_bounded():
         block = task_block_shape(shape, (64, 128, 128), 2, 64 << 20)
         assert np.prod(block) * 2 <= 64 << 20
         assert all(b % u == 0 for b, u in zip(block, (64, 128, 128)))
+
+
+@pytest.mark.parametrize("task_bytes", [1 << 16, 1 << 18, 64 << 20])
+def test_pyramid_equals_whole_volume_pyramid(tmp_path, client, task_bytes):
+    # However the levels are split between in-task building and later passes, every level
+    # equals the mean pyramid of the whole volume.
+    data = np.random.default_rng(5).integers(0, 60000, (33, 150, 141)).astype(np.uint16)
+    path = tmp_path / "in.tif"
+    tifffile.imwrite(path, data, photometric="minisblack")
+    cfg = ConvertConfig(chunks=(8, 32, 32), levels=4, voxel_size=(1.0, 0.5, 0.5), task_bytes=task_bytes)
+    from neurotrace_dask.io.convert import plan_tasks
+    from neurotrace_dask.io.omezarr import plan_layout
+
+    layout = plan_layout(data.shape, data.dtype, (1.0, 0.5, 0.5), levels=4, chunks=(8, 32, 32))
+    built, grids = plan_tasks(layout, task_bytes)
+    assert len(grids) == 1 + layout.levels - built
+    result = convert(path, tmp_path / "o.ome.zarr", cfg, client=client)
+    arrays, _ = open_image(tmp_path / "o.ome.zarr")
+    expected = data
+    for level, array in enumerate(arrays):
+        if level:
+            expected = downsample_mean(expected, result.layout.factors[level])
+        np.testing.assert_array_equal(array[:], expected, err_msg=f"level {level}")
