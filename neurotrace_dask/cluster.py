@@ -19,7 +19,7 @@ from distributed import Client, LocalCluster, as_completed
 from tqdm.auto import tqdm
 
 from .config import ClusterConfig, SlurmConfig
-from .errors import ConfigError
+from .errors import ConfigError, NeurotraceError
 
 __all__ = ["get_client", "make_slurm_cluster", "open_client", "run_tasks"]
 
@@ -180,7 +180,9 @@ def run_tasks(
     with tqdm(total=total, desc=description, unit="task", disable=None, leave=False) as bar:
         for future in pending:
             try:
-                index, value = future.result()
+                index, value, error = future.result()
+                if error is not None:
+                    raise error
             except BaseException:
                 for other in list(pending.futures):
                     other.cancel()
@@ -191,5 +193,12 @@ def run_tasks(
     return [results[i] for i in range(len(results))]
 
 
-def _call(function: Callable[..., Any], index: int, item: Any, kwargs: dict[str, Any]) -> tuple[int, Any]:
-    return index, function(item, **kwargs)
+def _call(
+    function: Callable[..., Any], index: int, item: Any, kwargs: dict[str, Any]
+) -> tuple[int, Any, NeurotraceError | None]:
+    # A user-facing error (bad input found mid-run) comes back as a value: raised as a task
+    # failure, distributed would log it with a traceback on every worker's stderr.
+    try:
+        return index, function(item, **kwargs), None
+    except NeurotraceError as exc:
+        return index, None, exc

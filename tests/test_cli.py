@@ -97,3 +97,18 @@ def test_demo(tmp_path):
     assert "demo.ome.zarr" in result.stdout
     arrays, voxel_size = open_image(tmp_path / "demo" / "demo.ome.zarr")
     assert voxel_size == (1.0, 0.3, 0.3) and arrays[0].shape == (64, 256, 256)
+
+
+def test_bad_slice_found_mid_run_is_one_line(tmp_path):
+    # The headers agree, so the run starts; the cut slice fails inside a worker task.
+    folder = tmp_path / "slices"
+    folder.mkdir()
+    for i in range(5):
+        tifffile.imwrite(folder / f"s{i}.tif", np.full((64, 64), i, np.uint8))
+    cut = folder / "s3.tif"
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size - 2000])
+    result = run("convert", str(folder), str(tmp_path / "out.ome.zarr"), "--workers", "1", "--threads", "1")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "s3.tif" in lines[0], result.stderr
+    assert not (tmp_path / "out.ome.zarr").exists()

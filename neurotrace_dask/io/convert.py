@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import shutil
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -97,7 +98,9 @@ def _check_paths(source: VolumeSource, out: Path, overwrite: bool) -> None:
 
 
 def _output_dtype(source: VolumeSource, rescale: str | None) -> np.dtype:
-    dtype = np.dtype(source.dtype)
+    dtype = np.dtype(source.dtype).newbyteorder("=")  # sources read in native byte order
+    if dtype.kind not in "iuf":
+        raise InputError(f"{source.name}: dtype {dtype} is not an image intensity type (need integers or floats)")
     if rescale is not None:
         return np.dtype(rescale)
     if dtype not in SUPPORTED_DTYPES:
@@ -237,6 +240,9 @@ def convert(
         voxel_size, voxel_origin = tuple(config.voxel_size), "--voxel-size"
     elif source.voxel_size is not None:
         voxel_size, voxel_origin = source.voxel_size, "file metadata"
+        if not source.z_spacing_known:
+            voxel_origin = "file metadata for y and x; z assumed 1 um"
+            notes.append("the file gives no z spacing; assumed 1 um, pass --voxel-size Z Y X to set it")
     else:
         voxel_size, voxel_origin = (1.0, 1.0, 1.0), "default (1 um; the file has none)"
         notes.append("no voxel size in the file; assumed 1 x 1 x 1 um, pass --voxel-size Z Y X to set it")
@@ -263,11 +269,12 @@ def convert(
                 extra={"layout_hash": digest, "source": source.name, "voxel_size_from": voxel_origin},
             )
         written = skipped = 0
+        tasks_per_thread = (cluster or ClusterConfig()).tasks_per_thread
         with open_client(cluster, client) as active:
             value_range = None
             if config.rescale is not None:
-                ranges = run_tasks(active, _value_range_task, list(grids[0]), total=len(grids[0]),
-                                   description="value range", source=source)
+                ranges = run_tasks(active, _value_range_task, grids[0], total=len(grids[0]),
+                                   description="value range", tasks_per_thread=tasks_per_thread, source=source)
                 value_range = (min(r[0] for r in ranges), max(r[1] for r in ranges))
             for step, grid in enumerate(grids):
                 level = 0 if step == 0 else built + step - 1
@@ -283,7 +290,7 @@ def convert(
                     task, kwargs = _write_level, {"level": level, "factors": layout.factors[level]}
                     description = f"level {level}"
                 run_tasks(active, task, todo, total=len(todo), description=description,
-                          store=store, markers=markers, **kwargs)
+                          tasks_per_thread=tasks_per_thread, store=store, markers=markers, **kwargs)
         mark_complete(partial)
         shutil.rmtree(partial / DONE_FOLDER)
         _replace(partial, out)
@@ -298,15 +305,22 @@ def convert(
     )
 
 
+def _written_by_us(path: Path) -> bool:
+    """Whether ``path`` is a Zarr store this package wrote (so it may be deleted)."""
+    try:
+        return "neurotrace" in zarr.open_group(str(path), mode="r").attrs
+    except Exception:
+        return False
+
+
 def _prepare_partial(partial: Path, digest: str, overwrite: bool) -> bool:
     """Whether an interrupted run with the same layout can be resumed in ``partial``."""
     if not partial.exists():
         partial.parent.mkdir(parents=True, exist_ok=True)
         return False
-    try:
-        previous = zarr.open_group(str(partial), mode="r").attrs.get("neurotrace", {}).get("layout_hash")
-    except Exception:
-        previous = None
+    if not _written_by_us(partial):
+        raise OutputError(f"{partial}: exists and was not written by neurotrace; move it away first")
+    previous = zarr.open_group(str(partial), mode="r").attrs["neurotrace"].get("layout_hash")
     if previous == digest and (partial / DONE_FOLDER).exists():
         return True
     if not overwrite:
@@ -320,11 +334,11 @@ def _prepare_partial(partial: Path, digest: str, overwrite: bool) -> bool:
 
 def _replace(partial: Path, out: Path) -> None:
     """Move the finished store into place; an existing output is removed only after."""
-    old = out.with_name(out.name + ".old")
-    if out.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        out.rename(old)
+    if not out.exists():
+        partial.rename(out)
+        return
+    # A fresh name: never collides with (and deletes) anything of the user's.
+    old = out.with_name(f"{out.name}.replaced-{uuid.uuid4().hex[:8]}")
+    out.rename(old)
     partial.rename(out)
-    if old.exists():
-        shutil.rmtree(old)
+    shutil.rmtree(old)

@@ -19,7 +19,7 @@ from ome_zarr.writer import write_multiscales_metadata
 from zarr.codecs import BloscCodec, BloscShuffle
 
 from .. import __version__
-from ..errors import InputError
+from ..errors import ConfigError, InputError
 
 __all__ = [
     "ImageLayout",
@@ -38,7 +38,10 @@ AXES = ("z", "y", "x")
 
 
 def default_chunks(shape: Triple, dtype: np.dtype | str, target_bytes: int = 2 << 20) -> Triple:
-    """Chunk shape of about 1-2 MB: a cube-ish chunk halved along its longest axis until it fits.
+    """Chunk shape of about 1-2 MB.
+
+    A 128-cube, halved along its longest axis until it fits ``target_bytes``, clipped to
+    the volume; for thin volumes (a few slices, 2D) the other axes then grow back.
 
     Examples
     --------
@@ -46,6 +49,8 @@ def default_chunks(shape: Triple, dtype: np.dtype | str, target_bytes: int = 2 <
     (128, 128, 128)
     >>> default_chunks((1000, 4000, 4000), "uint16")
     (64, 128, 128)
+    >>> default_chunks((1, 4000, 4000), "uint8")
+    (1, 1024, 2048)
     >>> default_chunks((10, 50, 60), "uint8")
     (10, 50, 60)
     """
@@ -53,30 +58,45 @@ def default_chunks(shape: Triple, dtype: np.dtype | str, target_bytes: int = 2 <
     chunks = [128, 128, 128]
     while math.prod(chunks) * itemsize > target_bytes:
         chunks[chunks.index(max(chunks))] //= 2
-    return tuple(min(c, s) for c, s in zip(chunks, shape))  # type: ignore[return-value]
+    chunks = [min(c, n) for c, n in zip(chunks, shape)]
+    while math.prod(chunks) * itemsize * 2 <= target_bytes:
+        growable = [axis for axis in range(3) if chunks[axis] < shape[axis]]
+        if not growable:
+            break
+        axis = min(growable, key=lambda a: (chunks[a], -a))  # ties: grow x, the contiguous axis
+        chunks[axis] = min(2 * chunks[axis], shape[axis])
+    return tuple(chunks)  # type: ignore[return-value]
 
 
-def pyramid_factors(voxel_size: tuple[float, float, float], levels: int) -> list[Triple]:
+def pyramid_factors(
+    voxel_size: tuple[float, float, float], levels: int, shape: Triple | None = None
+) -> list[Triple]:
     """Per-level downsampling factors (relative to the previous level).
 
     Anisotropic volumes are first downsampled along their finer axes only, until the
     voxels are roughly isotropic (within 1.5x); then all axes are halved together.
+    Axes already down to one voxel are left alone.
 
     Examples
     --------
     >>> pyramid_factors((1.0, 0.33, 0.33), 4)
     [(1, 2, 2), (1, 2, 2), (2, 2, 2)]
+    >>> pyramid_factors((1.0, 1.0, 1.0), 2, shape=(1, 64, 64))
+    [(1, 2, 2)]
     """
     size = list(voxel_size)
+    extent = list(shape) if shape is not None else [2**62] * 3
     factors: list[Triple] = []
     for _ in range(levels - 1):
-        coarsest = max(size)
-        if coarsest / min(size) <= 1.5:
-            step = (2, 2, 2)
+        live = [s for s, n in zip(size, extent) if n > 1] or size
+        coarsest, finest = max(live), min(live)
+        if coarsest / finest <= 1.5:
+            step = tuple(2 if n > 1 else 1 for n in extent)
         else:
-            step = tuple(2 if s * 1.5 < coarsest else 1 for s in size)
+            step = tuple(2 if s * 1.5 < coarsest and n > 1 else 1 for s, n in zip(size, extent))
         factors.append(step)  # type: ignore[arg-type]
         size = [s * f for s, f in zip(size, step)]
+        extent = [math.ceil(n / f) for n, f in zip(extent, step)]
     return factors
 
 
@@ -89,11 +109,13 @@ def auto_levels(shape: Triple, voxel_size: tuple[float, float, float], max_size:
     3
     """
     levels = 1
-    shape_now = list(shape)
-    while max(shape_now) > max_size and levels < 12:
-        (step,) = pyramid_factors(tuple(voxel_size), 2)  # type: ignore[arg-type]
-        voxel_size = tuple(v * f for v, f in zip(voxel_size, step))  # type: ignore[assignment]
-        shape_now = [math.ceil(n / f) for n, f in zip(shape_now, step)]
+    while levels < 12:
+        factors = pyramid_factors(voxel_size, levels, shape)
+        extent = list(shape)
+        for step in factors:
+            extent = [math.ceil(n / f) for n, f in zip(extent, step)]
+        if max(extent) <= max_size:
+            break
         levels += 1
     return levels
 
@@ -142,7 +164,11 @@ def plan_layout(
     ((32, 32, 32),)
     """
     levels = levels if levels is not None else auto_levels(shape, voxel_size)
-    steps = [(1, 1, 1)] + pyramid_factors(voxel_size, levels)
+    steps = [(1, 1, 1)] + pyramid_factors(voxel_size, levels, shape)
+    if shards is not None:
+        base = tuple(min(c, n) for c, n in zip(chunks or default_chunks(shape, dtype), shape))
+        if any(s < n and s % c for s, c, n in zip(shards, base, shape)):
+            raise ConfigError(f"convert.shards {tuple(shards)} must be a multiple of the chunks {base}; set --chunks too")
     shapes, voxel_sizes, chunk_list, shard_list = [], [], [], []
     current_shape, current_size = tuple(shape), tuple(voxel_size)
     for step in steps:

@@ -324,11 +324,9 @@ def read_swc(path: str | os.PathLike[str]) -> SWC:
         raise SWCError(f"{name} cannot be read: {e.strerror or e}") from None
     if b"\x00" in raw:
         raise SWCError(f"{name} is not a text SWC file (it contains NUL bytes)")
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise SWCError(f"{name} line {line}: not valid UTF-8 text (is this a binary file?)") from None
+    # Old public files carry Latin-1 in their comments (a µ as byte 0xB5): keep reading and
+    # mark such bytes; in a data line they then fail number parsing with a line number.
+    text = raw.decode("utf-8-sig", errors="replace")
     text = text.replace("\r\n", "\n").replace("\r", "\n")
 
     comments: list[str] = []

@@ -35,7 +35,7 @@ Region = tuple[slice, slice, slice]
 
 # Micrometres per unit, for the unit names microscopes and ImageJ write.
 _UNIT_UM = {
-    "um": 1.0, "µm": 1.0, "\u00b5m": 1.0, "micron": 1.0, "microns": 1.0, "micrometer": 1.0,
+    "um": 1.0, "\u00b5m": 1.0, "\u03bcm": 1.0, "micron": 1.0, "microns": 1.0, "micrometer": 1.0,
     "micrometre": 1.0, "nm": 1e-3, "nanometer": 1e-3, "mm": 1e3, "millimeter": 1e3,
     "cm": 1e4, "m": 1e6, "pixel": None, "px": None, "": None,
 }
@@ -58,8 +58,15 @@ class VolumeSource:
     selection
         For each axis of the file's native array: ``"z"``, ``"y"``, ``"x"`` or a fixed
         integer index (a chosen channel, a squeezed length-1 axis).
+    key
+        The HDF5 dataset or Zarr array inside ``path``; for TIFF, ``"generic"`` when the
+        pages are read as one stack ignoring per-page shape metadata.
+    files
+        The slice files of a ``"slices"`` source, in z order.
     notes
         Things the user should be told (2D input read as one slice, ...).
+    z_spacing_known
+        False when ``voxel_size`` has y and x from the file but z was assumed to be 1 um.
 
     Examples
     --------
@@ -80,6 +87,7 @@ class VolumeSource:
     key: str | None = None
     files: tuple[str, ...] = ()
     notes: tuple[str, ...] = field(default=())
+    z_spacing_known: bool = True
 
     @property
     def name(self) -> str:
@@ -116,7 +124,7 @@ class VolumeSource:
 
     def _open_native(self):
         if self.kind == "tiff":
-            return _TiffArray(self.path)
+            return _TiffArray(self.path, generic=self.key == "generic")
         if self.kind == "hdf5":
             return _Hdf5Array(self.path, self.key)
         return _ZarrArray(self.path, self.key)
@@ -142,11 +150,11 @@ class _TiffArray:
     tiles a region touches.
     """
 
-    def __init__(self, path: str):
-        self.path = path
+    def __init__(self, path: str, generic: bool = False):
+        self.path, self.generic = path, generic
 
     def __enter__(self):
-        self._tif = tifffile.TiffFile(self.path)
+        self._tif = _open_tifffile(self.path, self.generic)
         series = self._tif.series[0]
         if series.dataoffset is not None:
             stored = np.dtype(series.dtype).newbyteorder(self._tif.byteorder)
@@ -271,7 +279,10 @@ def _choose_axes(path: str, axes: str, shape: tuple[int, ...], channel: int | No
                 raise InputError(f"{path}: --channel {channel} out of range, the file has {size} {kind}")
             selection.append(channel)
         elif letter == "T" and size > 1:
-            raise InputError(f"{path}: is a time series ({size} time points); convert one time point at a time")
+            raise InputError(f"{path}: is a time series ({size} time points); save one time point as its own stack")
+        elif size > 1:
+            raise InputError(f"{path}: axis {letter} has {size} entries (axes {axes}, shape {shape}); "
+                             "only z, y, x and one channel axis are supported")
         else:
             selection.append(0)
     if channel is not None and not channel_axes:
@@ -285,10 +296,17 @@ def _choose_axes(path: str, axes: str, shape: tuple[int, ...], channel: int | No
 def _unit_um(unit: str | None) -> float | None:
     if unit is None:
         return None
+    # ImageJ writes the micro sign escaped as the six characters "\u00B5".
     return _UNIT_UM.get(unit.strip().lower().replace("\\u00b5", "\u00b5"), None)
 
 
-def _tiff_voxel_size(tif: tifffile.TiffFile) -> tuple[float, float, float] | None:
+def _tiff_voxel_size(tif: tifffile.TiffFile) -> tuple[tuple[float, float, float] | None, bool]:
+    """Voxel size (z, y, x) in um from OME or ImageJ metadata or calibrated resolution
+    tags, and whether the z spacing came from the file (else 1 um is assumed).
+
+    Inch-based resolution tags are taken as uncalibrated: they are scanner and screen
+    dpi, not microscope calibration.
+    """
     if tif.is_ome and tif.ome_metadata:
         try:
             root = ET.fromstring(tif.ome_metadata)
@@ -296,28 +314,30 @@ def _tiff_voxel_size(tif: tifffile.TiffFile) -> tuple[float, float, float] | Non
             sizes = []
             for axis in "ZYX":
                 value = pixels.get(f"PhysicalSize{axis}")
-                scale = _unit_um(pixels.get(f"PhysicalSize{axis}Unit", "µm"))
+                scale = _unit_um(pixels.get(f"PhysicalSize{axis}Unit", "\u00b5m"))
                 sizes.append(float(value) * scale if value is not None and scale else None)
             if sizes[1] and sizes[2]:
-                return (sizes[0] or 1.0, sizes[1], sizes[2])
+                return (sizes[0] or 1.0, sizes[1], sizes[2]), sizes[0] is not None
         except (ET.ParseError, StopIteration, ValueError):
             pass
     page = tif.pages.first
     xres, yres = page.tags.get("XResolution"), page.tags.get("YResolution")
     meta = tif.imagej_metadata or {}
-    scale = _unit_um(meta.get("unit")) if tif.is_imagej else None
-    if scale is None and not tif.is_imagej:
+    if tif.is_imagej:
+        scale = _unit_um(meta.get("unit"))
+    else:
         unit_tag = page.tags.get("ResolutionUnit")
-        scale = {3: 1e4, 2: 25.4e3}.get(int(unit_tag.value) if unit_tag else 0)
+        scale = 1e4 if unit_tag is not None and int(unit_tag.value) == 3 else None  # centimetre
     if scale is None or xres is None or yres is None:
-        return None
+        return None, False
     try:
         x = scale * xres.value[1] / xres.value[0]
         y = scale * yres.value[1] / yres.value[0]
     except ZeroDivisionError:
-        return None
-    z = float(meta.get("spacing", 1.0)) * (scale if tif.is_imagej else 1.0)
-    return (z, y, x)
+        return None, False
+    if tif.is_imagej and "spacing" in meta:
+        return (float(meta["spacing"]) * scale, y, x), True
+    return (1.0, y, x), False
 
 
 def _check_tiff_length(path: str, tif: tifffile.TiffFile, series) -> None:
@@ -359,34 +379,62 @@ class _TiffWarnings(logging.Handler):
         return next((m for m in self.messages if any(b in m.lower() for b in bad)), None)
 
 
+def _open_tifffile(path: str, generic: bool) -> tifffile.TiffFile:
+    # Only ever switch shaped metadata off: forcing it on misreads ImageJ and OME files.
+    return tifffile.TiffFile(path, is_shaped=False) if generic else tifffile.TiffFile(path)
+
+
+def _main_series(tif: tifffile.TiffFile):
+    """The one image series of a stack, or None when pages of other shapes follow it.
+
+    Thumbnails (reduced pages) are not counted.
+    """
+    full = [series for series in tif.series if not getattr(series.keyframe, "is_reduced", False)]
+    return full[0] if len(full) == 1 else None
+
+
 def _open_tiff(path: str, channel: int | None) -> VolumeSource:
+    # Files written one page per call carry a shape per page, which tifffile reports as
+    # one series per page; their pages read as one stack when shape metadata is ignored
+    # ("generic" mode). A page of another shape is an error: reading only the first
+    # series would silently drop and reorder slices.
     try:
-        with _TiffWarnings() as warnings, tifffile.TiffFile(path) as tif:
-            if not tif.series:
-                raise InputError(f"{path}: TIFF holds no image")
-            series = tif.series[0]
-            if warnings.corruption():
-                raise InputError(f"{path}: corrupt or truncated TIFF ({warnings.corruption().splitlines()[0]})")
-            _check_tiff_length(path, tif, series)
-            selection, notes = _choose_axes(path, series.axes, series.shape, channel)
-            voxel_size = _tiff_voxel_size(tif)
-            dtype = series.dtype
+        for generic in (False, True):
+            with _TiffWarnings() as warnings, _open_tifffile(path, generic) as tif:
+                if not tif.series:
+                    raise InputError(f"{path}: TIFF holds no image")
+                if warnings.corruption():
+                    raise InputError(f"{path}: corrupt or truncated TIFF ({warnings.corruption().splitlines()[0]})")
+                series = _main_series(tif)
+                if series is None and generic:
+                    first, other = tif.series[0], tif.series[1]
+                    raise InputError(
+                        f"{path}: pages differ from page {other.keyframe.index} ({other.shape} {other.dtype} "
+                        f"after {first.shape} {first.dtype}); expected a stack of equal pages"
+                    )
+                if series is None:
+                    continue
+                _check_tiff_length(path, tif, series)
+                selection, notes = _choose_axes(path, series.axes, series.shape, channel)
+                voxel_size, z_known = _tiff_voxel_size(tif)
+                break
     except InputError:
         raise
     except tifffile.TiffFileError as exc:
         raise InputError(f"{path}: not a readable TIFF ({_short(exc)})") from None
     except (OSError, ValueError, IndexError, KeyError, struct.error) as exc:
         raise InputError(f"{path}: corrupt TIFF ({_short(exc)})") from None
-    return _finish(path, "tiff", series.shape, selection, str(dtype), voxel_size, notes)
+    key = "generic" if generic else None
+    return _finish(path, "tiff", series.shape, selection, str(series.dtype), voxel_size, notes, key, z_known)
 
 
-def _finish(path, kind, native_shape, selection, dtype, voxel_size, notes, key=None) -> VolumeSource:
+def _finish(path, kind, native_shape, selection, dtype, voxel_size, notes, key=None, z_known=True) -> VolumeSource:
     sizes = {"z": 1} | {s: n for s, n in zip(selection, native_shape) if isinstance(s, str)}
     shape = (sizes["z"], sizes["y"], sizes["x"])
     if 0 in shape:
         name = f"{path}:{key}" if kind == "hdf5" else path
         raise InputError(f"{name}: volume has an empty axis (shape z,y,x = {shape})")
-    return VolumeSource(path, kind, shape, dtype, voxel_size, selection, key, (), tuple(notes))
+    return VolumeSource(path, kind, shape, dtype, voxel_size, selection, key, (), tuple(notes), z_known)
 
 
 def _open_slices(folder: Path, channel: int | None) -> VolumeSource:
@@ -410,7 +458,7 @@ def _open_slices(folder: Path, channel: int | None) -> VolumeSource:
             raise InputError(f"{name}: slice is {shape} {dtype}, but {Path(files[0]).name} is {plane[0]} {plane[1]}")
     return VolumeSource(
         str(folder), "slices", (len(files), first.shape[1], first.shape[2]), first.dtype, first.voxel_size,
-        first.selection, None, tuple(files), (),
+        first.selection, None, tuple(files), (), first.voxel_size is None,
     )
 
 
@@ -434,9 +482,9 @@ def _open_hdf5(file: str, key: str | None, channel: int | None) -> VolumeSource:
                 if len(candidates) != 1:
                     raise InputError(f"{file}: name the dataset as {file}:/path (found {', '.join(candidates) or 'none'})")
                 key = candidates[0]
-            if key not in h5 or not isinstance(h5[key], h5py.Dataset):
+            dataset = h5.get(key)  # None for a missing name or a dangling link
+            if not isinstance(dataset, h5py.Dataset):
                 raise InputError(f"{file}: no dataset '{key}'")
-            dataset = h5[key]
             axes = _guess_axes(f"{file}:{key}", dataset.shape)
             selection, notes = _choose_axes(f"{file}:{key}", axes, dataset.shape, channel)
             voxel_size = _attr_voxel_size(dataset.attrs)
@@ -470,34 +518,48 @@ def _guess_axes(name: str, shape: tuple[int, ...]) -> str:
     raise InputError(f"{name}: cannot tell the axes of a {len(shape)}D array of shape {shape}; expected z,y,x")
 
 
+def _ome_level0(path: str, group: zarr.Group) -> tuple[str, str | None, tuple[float, float, float] | None]:
+    """Path, axes letters and voxel size (um) of level 0 of an OME-Zarr image group."""
+    attrs = dict(group.attrs)
+    try:
+        image = attrs.get("ome", attrs)["multiscales"][0]
+        dataset = image["datasets"][0]
+        key = str(dataset["path"])
+        axes = [a["name"] if isinstance(a, dict) else a for a in image.get("axes", [])]
+        units = [a.get("unit") if isinstance(a, dict) else None for a in image.get("axes", [])]
+        scales = [t["scale"] for t in dataset.get("coordinateTransformations", []) if t.get("type") == "scale"]
+    except (KeyError, IndexError, TypeError, AttributeError):
+        raise InputError(f"{path}: Zarr group without readable OME multiscales metadata; name an array inside it") from None
+    voxel_size = None
+    if scales and axes and all(a in axes for a in "zyx"):
+        sizes = []
+        for name in "zyx":
+            i = axes.index(name)
+            factor = _unit_um(units[i]) if units[i] else 1.0
+            if factor is None:
+                raise InputError(f"{path}: axis {name} has unit '{units[i]}', which is not a length this tool knows")
+            sizes.append(float(scales[0][i]) * factor)
+        voxel_size = tuple(sizes)
+    return key, "".join(a.upper() for a in axes) or None, voxel_size  # type: ignore[return-value]
+
+
 def _open_zarr(path: str, channel: int | None) -> VolumeSource:
     try:
         node = zarr.open(path, mode="r")
     except Exception as exc:
         raise InputError(f"{path}: not a readable Zarr store ({_short(exc)})") from None
-    key = None
-    voxel_size = None
-    axes: str | None = None
+    key, axes, voxel_size = None, None, None
     if isinstance(node, zarr.Group):
-        attrs = dict(node.attrs)
-        multiscales = attrs.get("ome", attrs).get("multiscales")
-        if not multiscales:
-            raise InputError(f"{path}: a Zarr group without OME multiscales metadata; name an array inside it")
-        image = multiscales[0]
-        dataset = image["datasets"][0]
-        key = dataset["path"]
-        names = [a["name"] if isinstance(a, dict) else a for a in image.get("axes", [])]
-        axes = "".join(n.upper() for n in names) if names else None
-        scales = [t for t in dataset.get("coordinateTransformations", []) if t.get("type") == "scale"]
-        if scales and names:
-            by_axis = dict(zip(names, scales[0]["scale"]))
-            if all(a in by_axis for a in "zyx"):
-                voxel_size = tuple(float(by_axis[a]) for a in "zyx")
-        array = node[key]
+        key, axes, voxel_size = _ome_level0(path, node)
+        try:
+            array = node[key]
+        except KeyError:
+            raise InputError(f"{path}: OME metadata names level '{key}', which is not in the store") from None
     else:
         array = node
         dims = getattr(array.metadata, "dimension_names", None)
-        if dims and all(dims):
+        # Named dimensions are used when they are the usual single letters (z, y, x, c, t).
+        if dims and all(d and d.lower() in "zyxct" and len(d) == 1 for d in dims):
             axes = "".join(d.upper() for d in dims)
     axes = axes or _guess_axes(path, array.shape)
     selection, notes = _choose_axes(path, axes, array.shape, channel)

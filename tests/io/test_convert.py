@@ -168,24 +168,83 @@ def test_task_blocks_are_bounded():
         assert all(b % u == 0 for b, u in zip(block, (64, 128, 128)))
 
 
-@pytest.mark.parametrize("task_bytes", [1 << 16, 1 << 18, 64 << 20])
-def test_pyramid_equals_whole_volume_pyramid(tmp_path, client, task_bytes):
-    # However the levels are split between in-task building and later passes, every level
-    # equals the mean pyramid of the whole volume.
-    data = np.random.default_rng(5).integers(0, 60000, (33, 150, 141)).astype(np.uint16)
-    path = tmp_path / "in.tif"
-    tifffile.imwrite(path, data, photometric="minisblack")
-    cfg = ConvertConfig(chunks=(8, 32, 32), levels=4, voxel_size=(1.0, 0.5, 0.5), task_bytes=task_bytes)
+@pytest.mark.parametrize(
+    "task_bytes, shards, built",
+    [(1 << 16, None, 2), (1 << 18, None, 2), (1 << 16, (16, 64, 64), 1), (1 << 20, (16, 64, 64), 2)],
+)
+def test_pyramid_equals_whole_volume_pyramid(tmp_path, client, task_bytes, shards, built):
+    # However the levels are split between in-task building and later passes, and with many
+    # tasks writing to one sharded store, every level equals the mean pyramid of the whole volume.
     from neurotrace_dask.io.convert import plan_tasks
     from neurotrace_dask.io.omezarr import plan_layout
 
-    layout = plan_layout(data.shape, data.dtype, (1.0, 0.5, 0.5), levels=4, chunks=(8, 32, 32))
-    built, grids = plan_tasks(layout, task_bytes)
-    assert len(grids) == 1 + layout.levels - built
+    data = np.random.default_rng(5).integers(0, 60000, (33, 150, 141)).astype(np.uint16)
+    path = tmp_path / "in.tif"
+    tifffile.imwrite(path, data, photometric="minisblack")
+    cfg = ConvertConfig(chunks=(8, 32, 32), shards=shards, levels=4, voxel_size=(1.0, 0.5, 0.5), task_bytes=task_bytes)
+    layout = plan_layout(data.shape, data.dtype, (1.0, 0.5, 0.5), levels=4, chunks=(8, 32, 32), shards=shards)
+    in_task_levels, grids = plan_tasks(layout, task_bytes)
+    assert in_task_levels == built and len(grids[0]) > 1  # levels built in tasks and by passes, many writers
     result = convert(path, tmp_path / "o.ome.zarr", cfg, client=client)
     arrays, _ = open_image(tmp_path / "o.ome.zarr")
     expected = data
     for level, array in enumerate(arrays):
         if level:
             expected = downsample_mean(expected, result.layout.factors[level])
+        assert array.shards == layout.shards[level]
         np.testing.assert_array_equal(array[:], expected, err_msg=f"level {level}")
+
+
+def test_big_endian_input_is_uint16(tmp_path, stack16, client):
+    import h5py
+
+    path = tmp_path / "be.h5"
+    with h5py.File(path, "w") as f:
+        f["raw"] = stack16.astype(">u2")
+    convert(f"{path}:raw", tmp_path / "o.ome.zarr", ConvertConfig(levels=1), client=client)
+    level0 = open_image(tmp_path / "o.ome.zarr")[0][0]
+    assert level0.dtype == np.uint16
+    np.testing.assert_array_equal(level0[:], stack16)
+
+
+@pytest.mark.parametrize("dtype", [bool, np.complex64])
+def test_non_intensity_dtypes_refused_even_with_rescale(tmp_path, client, dtype):
+    path = tmp_path / "weird.zarr"
+    zarr.create_array(str(path), data=np.zeros((4, 8, 8), dtype))
+    with pytest.raises(InputError, match="not an image intensity type"):
+        convert(path, tmp_path / "o.ome.zarr", ConvertConfig(rescale="uint8"), client=client)
+
+
+def test_foreign_partial_folder_is_kept(tmp_path, tiff16, client):
+    partial = tmp_path / "img.ome.zarr.partial"
+    partial.mkdir()
+    (partial / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match="not written by neurotrace"):
+        convert(tiff16, tmp_path / "img.ome.zarr", ConvertConfig(overwrite=True), client=client)
+    assert (partial / "notes.txt").read_text() == "mine"
+
+
+def test_replacing_output_touches_nothing_else(tmp_path, tiff16, client):
+    out = tmp_path / "img.ome.zarr"
+    neighbour = tmp_path / "img.ome.zarr.old"
+    neighbour.mkdir()
+    (neighbour / "notes.txt").write_text("mine")
+    convert(tiff16, out, ConvertConfig(levels=1), client=client)
+    convert(tiff16, out, ConvertConfig(levels=2, overwrite=True), client=client)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["img.ome.zarr", "img.ome.zarr.old", "stack.tif"]
+    assert (neighbour / "notes.txt").read_text() == "mine"
+
+
+def test_missing_z_spacing_is_said(tmp_path, stack16, client):
+    path = tmp_path / "cm.tif"
+    tifffile.imwrite(path, stack16, photometric="minisblack", resolution=(2e4, 2e4), resolutionunit=3)
+    result = convert(path, tmp_path / "o.ome.zarr", ConvertConfig(levels=1), client=client)
+    assert result.layout.voxel_sizes[0] == pytest.approx((1.0, 0.5, 0.5))
+    assert any("no z spacing" in note for note in result.notes)
+
+
+def test_shards_must_fit_the_chunks(tmp_path, tiff16, client):
+    from neurotrace_dask.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="multiple of the chunks"):
+        convert(tiff16, tmp_path / "o.ome.zarr", ConvertConfig(shards=(8, 32, 32)), client=client)

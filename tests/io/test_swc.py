@@ -244,10 +244,12 @@ def test_binary_file(tmp_path: Path, data: bytes) -> None:
     assert "\n" not in str(info.value)
 
 
-def test_invalid_utf8_names_line(tmp_path: Path) -> None:
+def test_latin1_comment_is_read_and_latin1_data_names_line(tmp_path: Path) -> None:
     path = tmp_path / "cell.swc"
-    path.write_bytes(b"# ok\n1 1 0 0 0 1 -1\n# caf\xe9\n")
-    with pytest.raises(SWCError, match=r"cell\.swc line 3: not valid UTF-8"):
+    path.write_bytes(b"# radius in \xb5m\n1 1 0 0 0 1 -1\n2 3 1 1 1 1 1\n")
+    assert read_swc(path).n_nodes == 2
+    path.write_bytes(b"# ok\n1 1 0 0 0 1 -1\n2 3 1 1 1\xb5 1 1\n")
+    with pytest.raises(SWCError, match=r"cell\.swc line 3: z is not a number"):
         read_swc(path)
 
 

@@ -159,3 +159,71 @@ def test_truncated_tiff(tmp_path, stack16, compression):
     cut.write_bytes(whole.read_bytes()[: whole.stat().st_size * 2 // 3])
     with pytest.raises(InputError, match="cut.tif: .*truncated"):
         open_volume(cut)
+
+
+def test_extra_axis_is_refused_not_dropped(tmp_path):
+    path = tmp_path / "angles.tif"
+    tifffile.imwrite(path, np.zeros((3, 5, 16, 16), np.uint8), photometric="minisblack", metadata={"axes": "AZYX"})
+    with pytest.raises(InputError, match="axis A has 3 entries"):
+        open_volume(path)
+
+
+def test_pages_written_one_by_one_read_as_a_stack(tmp_path):
+    path = tmp_path / "pages.tif"
+    with tifffile.TiffWriter(path) as tif:
+        for i in range(6):
+            tif.write(np.full((16, 16), i, np.uint8), contiguous=False)
+    source = open_volume(path)
+    assert source.shape == (6, 16, 16)
+    assert list(source.read((slice(1, 6), slice(0, 1), slice(0, 1))).ravel()) == [1, 2, 3, 4, 5]
+
+
+def test_page_of_another_shape_is_named(tmp_path):
+    path = tmp_path / "odd.tif"
+    with tifffile.TiffWriter(path) as tif:
+        for i in range(6):
+            tif.write(np.zeros((16, 17) if i == 4 else (16, 16), np.uint8), contiguous=False)
+    with pytest.raises(InputError, match="odd.tif: pages differ from page 4"):
+        open_volume(path)
+
+
+def test_resolution_tags(tmp_path):
+    dpi = tmp_path / "dpi.tif"
+    tifffile.imwrite(dpi, np.zeros((3, 8, 8), np.uint8), photometric="minisblack", resolution=(72, 72),
+                     resolutionunit=2)
+    assert open_volume(dpi).voxel_size is None  # screen dpi, not a calibration
+    cm = tmp_path / "cm.tif"
+    tifffile.imwrite(cm, np.zeros((3, 8, 8), np.uint8), photometric="minisblack", resolution=(2e4, 2e4),
+                     resolutionunit=3)
+    source = open_volume(cm)
+    assert source.voxel_size == pytest.approx((1.0, 0.5, 0.5)) and not source.z_spacing_known
+
+
+def test_ome_zarr_input_units(tmp_path):
+    group = zarr.open_group(str(tmp_path / "nm.zarr"), mode="w")
+    group.create_array("0", data=np.zeros((4, 8, 8), np.uint8))
+    axes = [{"name": a, "type": "space", "unit": "nanometer"} for a in "zyx"]
+    scale = [{"type": "scale", "scale": [1000, 300, 300]}]
+    group.attrs["ome"] = {"version": "0.5", "multiscales": [
+        {"axes": axes, "datasets": [{"path": "0", "coordinateTransformations": scale}]}]}
+    assert open_volume(tmp_path / "nm.zarr").voxel_size == pytest.approx((1.0, 0.3, 0.3))
+    group.attrs["ome"] = {"version": "0.5", "multiscales": [{"axes": ["z", "y", "x"], "datasets": [{"path": "7"}]}]}
+    with pytest.raises(InputError, match="names level '7'"):
+        open_volume(tmp_path / "nm.zarr")
+    group.attrs["ome"] = {"version": "0.5", "multiscales": "oops"}
+    with pytest.raises(InputError, match="without readable OME multiscales"):
+        open_volume(tmp_path / "nm.zarr")
+
+
+def test_dangling_hdf5_link(tmp_path):
+    path = tmp_path / "l.h5"
+    with h5py.File(path, "w") as f:
+        f["a"] = h5py.SoftLink("/nowhere")
+    with pytest.raises(InputError, match="no dataset 'a'"):
+        open_volume(f"{path}:a")
+
+
+def test_zarr_with_generic_dimension_names(tmp_path, stack16):
+    path = tmp_path / "xr.zarr"
+    zarr.create_array(str(path), data=stack16, dimension_names=["dim_0", "dim_1", "dim_2"])
+    assert open_volume(path).shape == stack16.shape
