@@ -26,7 +26,7 @@ from ..cluster import open_client, run_tasks
 from ..config import ClusterConfig, ConvertConfig
 from ..errors import InputError, OutputError
 from .omezarr import ImageLayout, downsample_mean, mark_complete, plan_layout, write_image_metadata
-from .volumes import SUPPORTED_DTYPES, VolumeSource, open_volume
+from .volumes import SUPPORTED_DTYPES, VolumeSource, format_region, open_volume
 
 __all__ = ["ConvertResult", "convert", "plan_tasks", "task_block_shape"]
 
@@ -110,10 +110,16 @@ def _output_dtype(source: VolumeSource, rescale: str | None) -> np.dtype:
     return dtype
 
 
-def _value_range_task(block: Block, *, source: VolumeSource) -> tuple[float, float]:
+def _read_finite(source: VolumeSource, block: Block) -> np.ndarray:
+    """Read a block; floating-point input must be finite (NaN and Inf have no intensity)."""
     data = source.read(block.write)
     if data.dtype.kind == "f" and not np.isfinite(data).all():
-        raise InputError(f"{source.name}: contains NaN or Inf values (in region {_fmt(block.write)})")
+        raise InputError(f"{source.name}: contains NaN or Inf values (in region {format_region(block.write)})")
+    return data
+
+
+def _value_range_task(block: Block, *, source: VolumeSource) -> tuple[float, float]:
+    data = _read_finite(source, block)
     return float(data.min()), float(data.max())
 
 
@@ -121,10 +127,6 @@ def _rescale(data: np.ndarray, low: float, high: float, dtype: np.dtype) -> np.n
     top = np.iinfo(dtype).max
     scale = top / (high - low) if high > low else 0.0
     return np.rint((data.astype(np.float64) - low) * scale).clip(0, top).astype(dtype)
-
-
-def _fmt(region: tuple[slice, ...]) -> str:
-    return "[" + ", ".join(f"{s.start}:{s.stop}" for s in region) + "]"
 
 
 def _write_levels(
@@ -137,10 +139,8 @@ def _write_levels(
     markers: DoneMarkers,
 ) -> int:
     """Read one input slab, write it to level 0, and build levels 1..len(factors) from it in memory."""
-    data = source.read(block.write)
+    data = _read_finite(source, block)
     if value_range is not None:
-        if data.dtype.kind == "f" and not np.isfinite(data).all():
-            raise InputError(f"{source.name}: contains NaN or Inf values (in region {_fmt(block.write)})")
         data = _rescale(data, *value_range, zarr.open_array(f"{store}/0", mode="r").dtype)
     region = block.write
     zarr.open_array(f"{store}/0", mode="r+")[region] = data

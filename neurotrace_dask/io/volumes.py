@@ -109,7 +109,7 @@ class VolumeSource:
         except InputError:
             raise
         except Exception as exc:  # any reader failure is a bad-input problem of this file
-            raise InputError(f"{self.name}: cannot read region {_fmt(region)} ({_short(exc)})") from None
+            raise InputError(f"{self.name}: cannot read region {format_region(region)} ({_short(exc)})") from None
         return np.ascontiguousarray(data, dtype=np.dtype(self.dtype).newbyteorder("="))
 
     def _select(self, native, region: Region) -> np.ndarray:
@@ -155,7 +155,7 @@ class _TiffArray:
 
     def __enter__(self):
         self._tif = _open_tifffile(self.path, self.generic)
-        series = self._tif.series[0]
+        series = _main_series(self._tif) or self._tif.series[0]
         if series.dataoffset is not None:
             stored = np.dtype(series.dtype).newbyteorder(self._tif.byteorder)
             self.array = _ContiguousArray(self._tif.filehandle, series.dataoffset, tuple(series.shape), stored)
@@ -235,7 +235,8 @@ class _ZarrArray:
         pass
 
 
-def _fmt(region: Region) -> str:
+def format_region(region: Region) -> str:
+    """``[z0:z1, y0:y1, x0:x1]``, for messages."""
     return "[" + ", ".join(f"{s.start}:{s.stop}" for s in region) + "]"
 
 
