@@ -156,6 +156,58 @@ def swc_check(file: Annotated[Path, typer.Argument(help="SWC file to validate.")
 
 
 @app.command()
+def synth(
+    out: Annotated[Path, typer.Argument(help="Output folder: image.ome.zarr, mask.ome.zarr, gold.swc, synth.json.")],
+    swc: Annotated[
+        Optional[list[Path]], typer.Option("--swc", help="Morphology to render (repeat for several neurons).")
+    ] = None,
+    units: Annotated[str, typer.Option("--units", help="Units of --swc files: auto, um, nm or 8nm.")] = "auto",
+    random: Annotated[Optional[int], typer.Option("--random", help="Render N random neurons.", min=1)] = None,
+    shape: Annotated[Optional[Triple], typer.Option("--shape", help="Volume shape Z Y X (fitted to one --swc).")] = None,
+    config: ConfigOption = None,
+    voxel_size: Annotated[
+        Optional[tuple[float, float, float]], typer.Option("--voxel-size", help="Voxel size Z Y X in micrometres.")
+    ] = None,
+    intensity: Annotated[
+        Optional[float], typer.Option("--intensity", help="Signal scale (1, 0.5, 0.25, 0.125: weak neurites).")
+    ] = None,
+    bits: Annotated[Optional[int], typer.Option("--bits", help="8 or 16.")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed (same seed, same volume).")] = None,
+    chunks: Annotated[Optional[Triple], typer.Option("--chunks", help="Chunk shape Z Y X (default ~1-2 MB).")] = None,
+    tiff: Annotated[bool, typer.Option("--tiff", help="Also write image.tif (ImageJ) for other tools.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")] = False,
+    scheduler: SchedulerOption = None,
+    slurm: SlurmOption = False,
+    workers: WorkersOption = None,
+    threads: ThreadsOption = None,
+) -> None:
+    """Render neurons (SWC files or random ones) as a fluorescence volume with its ground truth."""
+    from .cluster import open_client
+    from .synth import load_morphology, random_scene, render_to_zarr, scene_from_morphologies, scene_from_swc
+
+    overrides = {
+        "synth": _drop_none(dict(voxel_size=voxel_size, intensity=intensity, bits=bits, seed=seed)),
+        "cluster": _cluster_overrides(scheduler, slurm, workers, threads),
+    }
+    cfg = load_config(config, overrides)
+    if swc and random:
+        raise NeurotraceError("--swc and --random exclude each other")
+    if swc:
+        cells = [load_morphology(path, units) for path in swc]  # type: ignore[arg-type]
+        if len(cells) == 1:
+            scene = scene_from_swc(cells[0], cfg.synth, shape=shape)
+        elif shape is None:
+            raise NeurotraceError("several --swc files need --shape: they are rendered as found, in one volume")
+        else:
+            scene = scene_from_morphologies(cells, shape, cfg.synth)
+    else:
+        scene = random_scene(random or 1, shape or (64, 256, 256), cfg.synth)
+    with open_client(cfg.cluster) as client:
+        result = render_to_zarr(scene, out, chunks=chunks, client=client, overwrite=overwrite, tiff=tiff)
+    typer.echo(result.summary())
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Folder for the demo's files.")] = Path("demo_out"),
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier demo's outputs.")] = False,

@@ -30,12 +30,16 @@ __all__ = [
     "ConvertConfig",
     "LocalClusterConfig",
     "SlurmConfig",
+    "SynthConfig",
     "dump_config",
     "load_config",
 ]
 
 PositiveInt = Annotated[int, Field(gt=0)]
 Triple = tuple[PositiveInt, PositiveInt, PositiveInt]
+NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+Fraction = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
 VoxelSize = tuple[
     Annotated[float, Field(gt=0, allow_inf_nan=False)],
     Annotated[float, Field(gt=0, allow_inf_nan=False)],
@@ -139,11 +143,46 @@ class ConvertConfig(_Strict):
         return self
 
 
+class SynthConfig(_Strict):
+    """Physics of ``neurotrace synth``: how a morphology becomes a fluorescence volume.
+
+    Lengths are in micrometres unless named otherwise; light is counted in photons
+    per voxel, before the camera's read noise and quantisation. ``intensity`` scales
+    the neurite signal only (the noise model is unchanged): 1.0, 0.5, 0.25 and 0.125
+    make the weak-neurite series. See :mod:`neurotrace_dask.synth` for the model.
+    """
+
+    voxel_size: VoxelSize = (1.0, 0.33, 0.33)
+    bits: Literal[8, 16] = 8
+    intensity: Positive = 1.0
+    seed: Annotated[int, Field(ge=0)] = 0
+    margin: NonNegative = 10.0  # around a single morphology, when the shape is fitted to it
+    radius_floor: NonNegative = 0.6  # in xy voxels: thinner neurites are drawn this thick
+    soma_brightness: NonNegative = 2.0  # relative to a neurite of brightness 1
+    psf_sigma_xy: NonNegative = 0.15
+    psf_sigma_z: NonNegative = 0.5
+    branch_brightness_sigma: NonNegative = 0.35  # sigma of the lognormal per-branch brightness
+    path_variation: Fraction = 0.3  # amplitude of the smooth variation along a branch
+    path_variation_scale: Positive = 10.0  # its typical wavelength
+    gap_rate: NonNegative = 0.5  # dim gaps per 100 um of cable
+    gap_length: NonNegative = 2.0  # mean gap length
+    gap_depth: Fraction = 0.1  # brightness left inside a gap
+    weak_terminal_fraction: Fraction = 0.2  # terminal branches rendered weak
+    weak_terminal_factor: Fraction = 0.25  # their brightness
+    signal_photons: NonNegative = 40.0  # photons of a fully lit voxel of brightness 1, intensity 1
+    background_photons: NonNegative = 3.0
+    autofluorescence_photons: NonNegative = 2.0  # amplitude of the low-frequency background
+    autofluorescence_scale: Positive = 15.0  # its spatial scale
+    read_noise: NonNegative = 1.0  # camera read noise (standard deviation, photons)
+    full_scale_photons: Positive = 64.0  # photons that map to the largest 8- or 16-bit value
+
+
 class Config(_Strict):
     """Configuration of the whole pipeline; one section per stage."""
 
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     convert: ConvertConfig = Field(default_factory=ConvertConfig)
+    synth: SynthConfig = Field(default_factory=SynthConfig)
 
 
 def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

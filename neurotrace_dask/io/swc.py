@@ -224,6 +224,11 @@ class SWC:
         return self._parent_index
 
     @property
+    def preorder(self) -> npt.NDArray[np.intp]:
+        """Row indices in depth-first order, tree after tree: every parent before its children."""
+        return self._preorder
+
+    @property
     def zyx(self) -> npt.NDArray[np.float64]:
         """Positions as an ``(n, 3)`` array in ``z, y, x`` order (a new array)."""
         return np.ascontiguousarray(self.xyz[:, ::-1])
