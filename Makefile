@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench peers clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,5 +24,12 @@ test: setup
 bench: setup
 	$(BIN)/python benchmarks/convert.py
 
+# Peer tracers (kimimaro, Rivulet2; APP2 if on PATH) in their own venv: see benchmarks/peers/README.md.
+PEERS := .peers
+$(PEERS)/.installed: benchmarks/peers/install.sh benchmarks/peers/requirements.txt
+	PYTHON=$(PYTHON) bash benchmarks/peers/install.sh $(PEERS)
+
+peers: $(PEERS)/.installed
+
 clean:
-	rm -rf $(VENV) demo_out .pytest_cache .hypothesis
+	rm -rf $(VENV) $(PEERS) demo_out .pytest_cache .hypothesis

@@ -218,6 +218,83 @@ def demo(
     typer.echo(run_demo(out, overwrite=overwrite))
 
 
+def _evaluation_voxel_size(gold: Path, test: Path, gold_swc: Any, test_swc: Any) -> tuple[float, float, float]:
+    """Voxel size from the SWC headers (as write_swc records it), else 1 um; says which on stderr."""
+    from .errors import InputError
+    from .evaluate import swc_header_units
+
+    (gv, gu), (tv, tu) = swc_header_units(gold_swc), swc_header_units(test_swc)
+    if "um" in (gu, tu):
+        if gu != tu:
+            raise InputError(f"{gold} is in {gu or 'voxel'} units but {test} in {tu or 'voxel'} units (SWC headers)")
+        typer.echo("positions are in micrometres (SWC headers): voxel size 1 1 1 um", err=True)
+        return (1.0, 1.0, 1.0)
+    if gv and tv and any(abs(a - b) > 1e-9 * max(a, b) for a, b in zip(gv, tv)):
+        raise InputError(
+            f"{gold} and {test} record different voxel sizes ({' '.join(map(str, gv))} vs "
+            f"{' '.join(map(str, tv))}); pass --voxel-size Z Y X"
+        )
+    if gv or tv:
+        voxel = gv or tv
+        typer.echo(f"voxel size {' '.join(f'{v:g}' for v in voxel)} um (z y x), from the SWC header", err=True)
+        return voxel
+    typer.echo("no --voxel-size given and none recorded in the SWC headers: using 1 1 1 um", err=True)
+    return (1.0, 1.0, 1.0)
+
+
+@app.command()
+def evaluate(
+    gold: Annotated[Path, typer.Argument(help="Gold-standard SWC (voxel coordinates).")],
+    test: Annotated[Path, typer.Argument(help="SWC to score against it.")],
+    voxel_size: Annotated[
+        Optional[tuple[float, float, float]],
+        typer.Option("--voxel-size", help="Voxel size Z Y X in micrometres (default: from the SWC headers, else 1)."),
+    ] = None,
+    tau: Annotated[
+        Optional[float], typer.Option("--tau", help="Length/node match tolerance in um (default: 2 x the xy voxel).")
+    ] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write all metrics as JSON to this file.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --json file.")] = False,
+) -> None:
+    """Score TEST against GOLD: length and node precision/recall/F1, Vaa3D ESA/DSA/PDS, DIADEM, counts."""
+    import json
+    import math
+    import uuid
+
+    from .errors import ConfigError, OutputError
+    from .evaluate import evaluate as run_evaluate
+    from .io.swc import read_swc
+
+    if voxel_size is not None and not all(math.isfinite(v) and v > 0 for v in voxel_size):
+        raise ConfigError(f"--voxel-size must be 3 positive numbers (Z Y X), got {' '.join(map(str, voxel_size))}")
+    if tau is not None and not (math.isfinite(tau) and tau > 0):
+        raise ConfigError(f"--tau must be a positive number of micrometres, got {tau}")
+    if json_out is not None:
+        if json_out.resolve() in (gold.resolve(), test.resolve()):
+            raise OutputError(f"{json_out}: would overwrite an input SWC")
+        if json_out.exists() and not overwrite:
+            raise OutputError(f"{json_out}: exists already; pass --overwrite to replace it")
+        if not json_out.parent.is_dir():
+            raise OutputError(f"{json_out}: folder {json_out.parent} does not exist")
+
+    gold_swc, test_swc = read_swc(gold), read_swc(test)
+    voxel = tuple(voxel_size) if voxel_size is not None else _evaluation_voxel_size(gold, test, gold_swc, test_swc)
+    result = run_evaluate(gold_swc, test_swc, voxel_size_zyx=voxel, tau=tau)
+    typer.echo(f"gold: {gold}\ntest: {test}\n")
+    typer.echo(result.table())
+
+    if json_out is not None:
+        record = {"inputs": {"gold": str(gold), "test": str(test)}, **result.to_dict()}
+        text = json.dumps(record, indent=2, allow_nan=False) + "\n"
+        tmp = json_out.with_name(f".{json_out.name}.{uuid.uuid4().hex[:12]}.tmp")
+        try:
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, json_out)  # a reader never sees half a file
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise OutputError(f"{json_out} cannot be written: {e.strerror or e}") from None
+
+
 def main() -> None:
     """Console entry point: one-line errors unless ``--debug``."""
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import yaml
 
 from neurotrace_dask import __version__
 from neurotrace_dask.io.omezarr import open_image
+from neurotrace_dask.io.swc import SWC, write_swc
 
 NEUROTRACE = str(Path(sys.executable).with_name("neurotrace"))
 
@@ -23,7 +25,7 @@ def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 
 def test_version_and_help():
     assert run("--version").stdout.strip() == f"neurotrace_dask {__version__}"
-    for command in ([], ["info"], ["convert"], ["config", "show"], ["swc", "check"], ["demo"]):
+    for command in ([], ["info"], ["convert"], ["config", "show"], ["swc", "check"], ["demo"], ["evaluate"]):
         result = run(*command, "--help")
         assert result.returncode == 0 and "Usage" in result.stdout, command
 
@@ -73,6 +75,8 @@ def test_convert_flags_override_config(tmp_path):
         (["convert", "rgb.tif", "out.ome.zarr"], "choose one with --channel"),
         (["convert", "in.tif", "out.ome.zarr", "--scheduler", "tcp://127.0.0.1:9", "--slurm"], "exclude each other"),
         (["swc", "check", "bad.swc"], "bad.swc line 3: z is not a number"),
+        (["evaluate", "missing.swc", "bad.swc"], "missing.swc does not exist"),
+        (["evaluate", "bad.swc", "bad.swc", "--tau", "-1"], "--tau must be a positive number"),
     ],
 )
 def test_errors_are_one_line_without_traceback(tmp_path, args, needle):
@@ -112,3 +116,32 @@ def test_bad_slice_found_mid_run_is_one_line(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "s3.tif" in lines[0], result.stderr
     assert not (tmp_path / "out.ome.zarr").exists()
+
+
+def test_evaluate(tmp_path):
+    # Gold: a straight line of 20 voxels; test: its first half. Voxel size from the headers.
+    line = np.stack([np.zeros(21), np.zeros(21), np.arange(21.0)], axis=1)  # z, y, x
+    write_swc(tmp_path / "gold.swc", SWC.from_arrays(line, np.arange(-1, 20)), voxel_size_zyx=(2, 0.5, 0.5))
+    write_swc(tmp_path / "test.swc", SWC.from_arrays(line[:11], np.arange(-1, 10)), voxel_size_zyx=(2, 0.5, 0.5))
+    out = tmp_path / "metrics.json"
+    result = run("evaluate", "gold.swc", "test.swc", "--json", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "length F1" in result.stdout and "DIADEM" in result.stdout and "ESA" in result.stdout
+    assert "from the SWC header" in result.stderr
+    metrics = json.loads(out.read_text())
+    assert metrics["voxel_size_zyx"] == [2.0, 0.5, 0.5] and metrics["gold"]["n_nodes"] == 21
+    assert metrics["length"]["precision"] == 1.0 and metrics["length"]["tau"] == 1.0
+    assert metrics["length"]["recall"] == pytest.approx(6 / 10, abs=1e-3)  # 5 um of 10, plus tau
+    assert metrics["inputs"] == {"gold": "gold.swc", "test": "test.swc"}
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left
+
+    again = run("evaluate", "gold.swc", "test.swc", "--json", str(out), cwd=tmp_path)
+    assert again.returncode == 2 and "exists already; pass --overwrite" in again.stderr
+    flags = run("evaluate", "gold.swc", "test.swc", "--voxel-size", "1", "1", "1", "--tau", "3",
+                "--json", str(out), "--overwrite", cwd=tmp_path)
+    assert flags.returncode == 0, flags.stderr
+    assert json.loads(out.read_text())["length"]["tau"] == 3.0 and flags.stderr == ""
+
+    (tmp_path / "plain.swc").write_text("1 1 0 0 0 1 -1\n2 3 5 0 0 1 1\n")
+    plain = run("evaluate", "plain.swc", "plain.swc", cwd=tmp_path)
+    assert plain.returncode == 0 and "using 1 1 1 um" in plain.stderr
