@@ -146,6 +146,36 @@ def convert(
     typer.echo(result.summary())
 
 
+@app.command()
+def predict(
+    image: Annotated[Path, typer.Argument(help="OME-Zarr image (from neurotrace convert).")],
+    out: Annotated[Path, typer.Option("--out", help="Probability OME-Zarr to write (uint8 = 255 p).")],
+    checkpoint: Annotated[
+        Optional[Path], typer.Option("--checkpoint", help="Checkpoint NAME.json (weights in NAME.safetensors).")
+    ] = None,
+    config: ConfigOption = None,
+    block: Annotated[Optional[Triple], typer.Option("--block", help="Write block Z Y X per task.")] = None,
+    halo: Annotated[Optional[int], typer.Option("--halo", help="Context voxels around each block.", min=0)] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")] = False,
+    scheduler: SchedulerOption = None,
+    slurm: SlurmOption = False,
+    workers: WorkersOption = None,
+    threads: ThreadsOption = None,
+) -> None:
+    """Predict neurite probability over overlapping blocks on Dask (resumable)."""
+    from .predict import predict as run_predict
+
+    overrides = {
+        "predict": _drop_none(
+            dict(checkpoint=checkpoint, block=block, halo=halo, device=device, overwrite=overwrite)
+        ),
+        "cluster": _cluster_overrides(scheduler, slurm, workers, threads),
+    }
+    cfg = load_config(config, overrides)
+    typer.echo(run_predict(image, out, cfg.predict, cluster=cfg.cluster).summary())
+
+
 @swc_app.command("check")
 def swc_check(file: Annotated[Path, typer.Argument(help="SWC file to validate.")]) -> None:
     """Validate an SWC file and print a summary (nodes, trees, cable length)."""

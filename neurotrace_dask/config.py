@@ -29,6 +29,7 @@ __all__ = [
     "Config",
     "ConvertConfig",
     "LocalClusterConfig",
+    "PredictConfig",
     "SlurmConfig",
     "SynthConfig",
     "dump_config",
@@ -177,11 +178,35 @@ class SynthConfig(_Strict):
     full_scale_photons: Positive = 64.0  # photons that map to the largest 8- or 16-bit value
 
 
+class PredictConfig(_Strict):
+    """Options of ``neurotrace predict`` (image OME-Zarr -> probability OME-Zarr).
+
+    ``block`` is the write region of one task (rounded up to the output chunks/shards and
+    the model stride); ``halo`` voxels of context are read around it (rounded up to the
+    stride). A read region larger than ``patch`` voxels in total runs as overlapping
+    patches of at most ``patch`` blended with a centre-weighted window. ``device`` ``auto``
+    uses a GPU when torch sees one; GPU tasks need a ``GPU`` worker resource
+    (``dask worker --resources GPU=1``), which local clusters get automatically.
+    """
+
+    checkpoint: Path | None = None
+    block: Triple = (64, 256, 256)
+    halo: Annotated[int, Field(ge=0)] = 24
+    patch: Triple = (128, 320, 320)
+    patch_overlap: Annotated[int, Field(ge=0)] = 32
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_size: PositiveInt = 2  # patches per forward pass
+    amp: bool = True  # mixed precision on GPU
+    skip_background: bool = True  # blocks whose read region is all below the low percentile
+    overwrite: bool = False
+
+
 class Config(_Strict):
     """Configuration of the whole pipeline; one section per stage."""
 
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     convert: ConvertConfig = Field(default_factory=ConvertConfig)
+    predict: PredictConfig = Field(default_factory=PredictConfig)
     synth: SynthConfig = Field(default_factory=SynthConfig)
 
 

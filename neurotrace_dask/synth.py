@@ -668,7 +668,9 @@ def render_to_zarr(
     if out.exists() and not overwrite:
         raise OutputError(f"{out}: already exists (pass --overwrite to replace it)")
     partial = out.with_name(out.name + ".partial")
-    if partial.exists():
+    if partial.exists():  # an interrupted render: ours to discard, anything else is the user's
+        if not (partial / "image.ome.zarr" / "zarr.json").exists():
+            raise OutputError(f"{partial}: exists and was not written by neurotrace synth; move it away first")
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
     image_layout = plan_layout(scene.shape, scene.dtype, scene.voxel_size, levels=1, chunks=chunks)

@@ -217,3 +217,12 @@ def test_cli_renders_an_swc_file(tmp_path):
     assert gold.cable_length() == pytest.approx(straight_line().cable_length())
     missing = run("synth", str(tmp_path / "x"), "--swc", str(tmp_path / "none.swc"))
     assert missing.returncode == 2 and "none.swc" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_a_foreign_partial_folder_is_not_deleted(tmp_path):
+    partial = tmp_path / "s.partial"
+    partial.mkdir()
+    (partial / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match="not written by neurotrace"):
+        render_to_zarr(random_scene(1, (16, 32, 32)), tmp_path / "s")
+    assert (partial / "notes.txt").read_text() == "mine"

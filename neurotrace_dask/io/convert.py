@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import shutil
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,7 +24,15 @@ from ..blocks import Block, BlockGrid, DoneMarkers, layout_hash
 from ..cluster import open_client, run_tasks
 from ..config import ClusterConfig, ConvertConfig
 from ..errors import InputError, OutputError
-from .omezarr import ImageLayout, downsample_mean, mark_complete, plan_layout, write_image_metadata
+from .omezarr import (
+    ImageLayout,
+    downsample_mean,
+    mark_complete,
+    plan_layout,
+    prepare_partial,
+    replace_store,
+    write_image_metadata,
+)
 from .volumes import SUPPORTED_DTYPES, VolumeSource, format_region, open_volume
 
 __all__ = ["ConvertResult", "convert", "plan_tasks", "task_block_shape"]
@@ -262,7 +269,7 @@ def convert(
     partial = out.with_name(out.name + ".partial")
     store = str(partial)
     try:
-        resumed = _prepare_partial(partial, digest, config.overwrite)
+        resumed = prepare_partial(partial, digest, config.overwrite, DONE_FOLDER, what="conversion")
         if not resumed:
             write_image_metadata(
                 partial, layout, name=Path(source.name).name, compression_level=config.compression_level,
@@ -293,7 +300,7 @@ def convert(
                           tasks_per_thread=tasks_per_thread, store=store, markers=markers, **kwargs)
         mark_complete(partial)
         shutil.rmtree(partial / DONE_FOLDER)
-        _replace(partial, out)
+        replace_store(partial, out)
     except PermissionError as exc:
         raise OutputError(f"{exc.filename or out}: cannot write ({exc.strerror})") from None
     except OSError as exc:
@@ -303,42 +310,3 @@ def convert(
     return ConvertResult(
         out, source.name, layout, voxel_origin, written, skipped, time.perf_counter() - started, tuple(notes)
     )
-
-
-def _written_by_us(path: Path) -> bool:
-    """Whether ``path`` is a Zarr store this package wrote (so it may be deleted)."""
-    try:
-        return "neurotrace" in zarr.open_group(str(path), mode="r").attrs
-    except Exception:
-        return False
-
-
-def _prepare_partial(partial: Path, digest: str, overwrite: bool) -> bool:
-    """Whether an interrupted run with the same layout can be resumed in ``partial``."""
-    if not partial.exists():
-        partial.parent.mkdir(parents=True, exist_ok=True)
-        return False
-    if not _written_by_us(partial):
-        raise OutputError(f"{partial}: exists and was not written by neurotrace; move it away first")
-    previous = zarr.open_group(str(partial), mode="r").attrs["neurotrace"].get("layout_hash")
-    if previous == digest and (partial / DONE_FOLDER).exists():
-        return True
-    if not overwrite:
-        raise OutputError(
-            f"{partial}: an interrupted conversion with other input or parameters is there; "
-            "pass --overwrite to discard it"
-        )
-    shutil.rmtree(partial)
-    return False
-
-
-def _replace(partial: Path, out: Path) -> None:
-    """Move the finished store into place; an existing output is removed only after."""
-    if not out.exists():
-        partial.rename(out)
-        return
-    # A fresh name: never collides with (and deletes) anything of the user's.
-    old = out.with_name(f"{out.name}.replaced-{uuid.uuid4().hex[:8]}")
-    out.rename(old)
-    partial.rename(out)
-    shutil.rmtree(old)

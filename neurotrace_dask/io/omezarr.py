@@ -9,6 +9,8 @@ that a half-written store never looks finished.
 from __future__ import annotations
 
 import math
+import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from ome_zarr.writer import write_multiscales_metadata
 from zarr.codecs import BloscCodec, BloscShuffle
 
 from .. import __version__
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError, InputError, OutputError
 
 __all__ = [
     "ImageLayout",
@@ -29,8 +31,11 @@ __all__ = [
     "mark_complete",
     "open_image",
     "plan_layout",
+    "prepare_partial",
     "pyramid_factors",
+    "replace_store",
     "write_image_metadata",
+    "written_by_us",
 ]
 
 Triple = tuple[int, int, int]
@@ -311,3 +316,46 @@ def downsample_mean(block: np.ndarray, factors: Triple) -> np.ndarray:
         return total.astype(block.dtype)
     mean = total / counts
     return (np.floor(mean + 0.5) if block.dtype.kind in "iu" else mean).astype(block.dtype)
+
+
+def written_by_us(path: Path) -> bool:
+    """Whether ``path`` is a Zarr store this package wrote (so it may be deleted)."""
+    try:
+        return "neurotrace" in zarr.open_group(str(path), mode="r").attrs
+    except Exception:
+        return False
+
+
+def prepare_partial(partial: Path, digest: str, overwrite: bool, done_folder: str, *, what: str) -> bool:
+    """Get ``partial`` (an ``OUT.partial`` store) ready; whether an interrupted run can resume there.
+
+    A store of ours with the same layout hash and its done markers resumes. Another one is
+    refused unless ``overwrite`` (then deleted); anything not written by this package is
+    never deleted.
+    """
+    if not partial.exists():
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        return False
+    if not written_by_us(partial):
+        raise OutputError(f"{partial}: exists and was not written by neurotrace; move it away first")
+    previous = zarr.open_group(str(partial), mode="r").attrs["neurotrace"].get("layout_hash")
+    if previous == digest and (partial / done_folder).exists():
+        return True
+    if not overwrite:
+        raise OutputError(
+            f"{partial}: an interrupted {what} with other input or parameters is there; pass --overwrite to discard it"
+        )
+    shutil.rmtree(partial)
+    return False
+
+
+def replace_store(partial: Path, out: Path) -> None:
+    """Move the finished store into place; an existing output is removed only after."""
+    if not out.exists():
+        partial.rename(out)
+        return
+    # A fresh name: never collides with (and deletes) anything of the user's.
+    old = out.with_name(f"{out.name}.replaced-{uuid.uuid4().hex[:8]}")
+    out.rename(old)
+    partial.rename(out)
+    shutil.rmtree(old)
