@@ -102,6 +102,7 @@ def get_client(config: ClusterConfig | None = None) -> Client:
             threads_per_worker=local.threads_per_worker,
             processes=local.processes,
             memory_limit=local.memory_limit,
+            resources=local.resources or None,
             dashboard_address=config.dashboard_address,
             worker_dashboard_address=f"{dashboard_host}:0",
             silence_logs=logging.ERROR,

@@ -58,7 +58,8 @@ class LocalClusterConfig(_Strict):
     ``n_workers`` and ``threads_per_worker`` of ``None`` let distributed choose from
     the machine's cores. ``processes: false`` runs workers as threads of this process
     (quick start-up; for small volumes and notebooks). ``host`` is the interface the
-    scheduler and worker processes listen on.
+    scheduler and worker processes listen on. ``resources`` are advertised by every worker
+    (``{"GPU": 1}`` gates GPU tasks; ``predict`` sets it itself on a GPU machine).
     """
 
     n_workers: PositiveInt | None = None
@@ -66,6 +67,7 @@ class LocalClusterConfig(_Strict):
     processes: bool = True
     memory_limit: str = "auto"
     host: str = "127.0.0.1"
+    resources: dict[str, float] = Field(default_factory=dict)
 
 
 class SlurmConfig(_Strict):
@@ -185,13 +187,15 @@ class PredictConfig(_Strict):
     the model stride); ``halo`` voxels of context are read around it (rounded up to the
     stride). A read region larger than ``patch`` voxels in total runs as overlapping
     patches of at most ``patch`` blended with a centre-weighted window. ``device`` ``auto``
-    uses a GPU when torch sees one; GPU tasks need a ``GPU`` worker resource
-    (``dask worker --resources GPU=1``), which local clusters get automatically.
+    uses a GPU when torch sees one. On a GPU machine a local cluster becomes one
+    single-threaded worker holding the GPU; on other clusters GPU tasks are gated on a
+    ``GPU`` resource when every worker advertises one (``dask worker --resources GPU=1``,
+    one worker per GPU with ``CUDA_VISIBLE_DEVICES`` set).
     """
 
     checkpoint: Path | None = None
     block: Triple = (64, 256, 256)
-    halo: Annotated[int, Field(ge=0)] = 24
+    halo: Annotated[int, Field(ge=0)] = 32
     patch: Triple = (128, 320, 320)
     patch_overlap: Annotated[int, Field(ge=0)] = 32
     device: Literal["auto", "cpu", "cuda"] = "auto"

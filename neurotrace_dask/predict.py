@@ -37,7 +37,16 @@ from .blocks import Block, BlockGrid, DoneMarkers, layout_hash
 from .cluster import open_client, run_tasks
 from .config import ClusterConfig, PredictConfig
 from .errors import ConfigError, InputError, OutputError
-from .io.omezarr import mark_complete, open_image, plan_layout, prepare_partial, replace_store, write_image_metadata
+from .io.omezarr import (
+    is_complete,
+    mark_complete,
+    open_image,
+    plan_layout,
+    prepare_partial,
+    replace_store,
+    write_image_metadata,
+    written_by_us,
+)
 from .model import STRIDE, Checkpoint, Normalisation, load_checkpoint, normalise
 
 __all__ = ["PredictResult", "predict", "predict_array", "resolve_device"]
@@ -105,16 +114,27 @@ def _infer(model: torch.nn.Module, x: np.ndarray, config: PredictConfig, device:
     return total / weights
 
 
+def _mirror(indices: np.ndarray, n: int) -> np.ndarray:
+    """Indices mirrored into ``0 .. n-1`` about the volume's edges (edge voxels not repeated)."""
+    if n == 1:
+        return np.zeros_like(indices)
+    period = 2 * (n - 1)
+    folded = np.mod(indices, period)
+    return np.where(folded < n, folded, period - folded)
+
+
 def _mirrored_read(source: Any, bounds: list[tuple[int, int]]) -> np.ndarray:
-    """Read ``bounds`` (which may reach outside the volume) with the outside mirrored."""
-    inside = tuple(slice(max(a, 0), min(b, n)) for (a, b), n in zip(bounds, source.shape))
+    """Read ``bounds`` (which may reach outside the volume) with the outside mirrored.
+
+    Mirrored about the volume's faces, not the block's: a block at the edge sees exactly
+    what the whole volume sees there.
+    """
+    indices = [_mirror(np.arange(a, b), n) for (a, b), n in zip(bounds, source.shape)]
+    inside = tuple(slice(int(i.min()), int(i.max()) + 1) for i in indices)
     data = np.asarray(source[inside])
-    pad = [(max(0, -a), max(0, b - n)) for (a, b), n in zip(bounds, source.shape)]
-    if any(p != (0, 0) for p in pad):
-        # reflect needs two voxels on an axis; a one-voxel axis is repeated instead.
-        mode = "reflect" if min(data.shape) > 1 else "edge"
-        data = np.pad(data, pad, mode=mode)
-    return data
+    if all(a >= 0 and b <= n for (a, b), n in zip(bounds, source.shape)):
+        return data
+    return data[np.ix_(*(i - s.start for i, s in zip(indices, inside)))]
 
 
 def _read_bounds(write: tuple[slice, ...], halo: int) -> list[tuple[int, int]]:
@@ -152,7 +172,8 @@ def predict_array(
     """Predict a whole in-memory volume in one block: uint8 ``round(255 * p(neurite))``.
 
     The reference the distributed :func:`predict` reproduces block by block (within 2/255
-    per voxel with the default halo).
+    per voxel with the default halo; blocks that :func:`predict` skips as all background
+    stay 0 there). The checkpoint's model is moved to the configured device, in eval mode.
 
     Parameters
     ----------
@@ -277,28 +298,32 @@ def predict(
     halo = _aligned_halo(config.halo)
     grid = BlockGrid.for_storage(source.shape, config.block, chunks_or_shards=unit, stride=STRIDE, halo=halo)
     layout = plan_layout(source.shape, np.uint8, voxel_size, levels=1, chunks=chunks, shards=unit if shards else None)
+    device = resolve_device(config.device)
     digest = layout_hash(grid, image=str(image), checkpoint=checkpoint.sha256, normalisation=norm.to_dict(),
-                         patch=config.patch, patch_overlap=config.patch_overlap,
-                         skip_background=config.skip_background)  # fmt: skip
+                         patch=config.patch, patch_overlap=config.patch_overlap, device=device.type,
+                         amp=config.amp and device.type == "cuda", skip_background=config.skip_background)  # fmt: skip
     partial = out.with_name(out.name + ".partial")
     try:
-        resumed = prepare_partial(partial, digest, config.overwrite, DONE_FOLDER, what="prediction")
+        resumed = prepare_partial(partial, digest, config.overwrite, what="prediction")
         if not resumed:
             extra = {"layout_hash": digest, "image": str(image), "checkpoint": {"path": str(checkpoint.path),
                      "sha256": checkpoint.sha256, "architecture": checkpoint.spec.model_dump(mode="json")},
                      "normalisation": norm.to_dict(), "predict": config.model_dump(mode="json")}  # fmt: skip
             write_image_metadata(partial, layout, name="p(neurite)", extra=extra)
-        markers = DoneMarkers.open(partial / DONE_FOLDER, grid, digest)
-        todo = markers.pending(grid)
-        with open_client(cluster, client) as active:
-            resources = {"GPU": 1} if _workers_have_gpus(active) else None
-            outcomes = run_tasks(active, _predict_task, todo, total=len(todo), description="predict",
-                                 tasks_per_thread=(cluster or ClusterConfig()).tasks_per_thread, resources=resources,
-                                 image=str(image), store=str(partial / "0"), checkpoint=str(checkpoint.path),
-                                 sha256=checkpoint.sha256, norm=norm, halo=halo, config=config,
-                                 markers=markers)  # fmt: skip
-        mark_complete(partial)
-        shutil.rmtree(partial / DONE_FOLDER)
+        todo: list[Block] = []
+        outcomes: list[str] = []
+        if not is_complete(partial):  # complete: interrupted just before the final rename
+            markers = DoneMarkers.open(partial / DONE_FOLDER, grid, digest)
+            todo = markers.pending(grid)
+            with open_client(_gpu_cluster(cluster, device) if client is None else cluster, client) as active:
+                resources = {"GPU": 1} if device.type == "cuda" and _workers_have_gpus(active) else None
+                outcomes = run_tasks(active, _predict_task, todo, total=len(todo), description="predict",
+                                     tasks_per_thread=(cluster or ClusterConfig()).tasks_per_thread,
+                                     resources=resources, image=str(image), store=str(partial / "0"),
+                                     checkpoint=str(checkpoint.path), sha256=checkpoint.sha256, norm=norm, halo=halo,
+                                     config=config, markers=markers)  # fmt: skip
+            mark_complete(partial)
+        shutil.rmtree(partial / DONE_FOLDER, ignore_errors=True)
         replace_store(partial, out)
     except PermissionError as exc:
         raise OutputError(f"{exc.filename or out}: cannot write ({exc.strerror})") from None
@@ -308,12 +333,22 @@ def predict(
 
 
 def _check_paths(image: Path, out: Path, overwrite: bool) -> None:
-    if out == image or image in out.parents or out in image.parents:
-        raise OutputError(f"{out}: output and input {image} overlap; choose another output path")
+    for path in (out, out.with_name(out.name + ".partial")):
+        if path == image or image in path.parents or path in image.parents:
+            raise OutputError(f"{path}: output and input {image} overlap; choose another output path")
     if out.exists() and not overwrite:
         raise OutputError(f"{out}: exists already; pass --overwrite to replace it")
-    if out.exists() and not (out / "zarr.json").exists():
-        raise OutputError(f"{out}: exists and is not a Zarr store; refusing to replace it even with --overwrite")
+    if out.exists() and not written_by_us(out):
+        raise OutputError(f"{out}: exists and was not written by neurotrace; refusing to replace it even with --overwrite")
+
+
+def _gpu_cluster(cluster: ClusterConfig | None, device: torch.device) -> ClusterConfig | None:
+    """On a GPU, a local cluster is one single-threaded worker holding the GPU as a resource."""
+    cluster = cluster or ClusterConfig()
+    if device.type != "cuda" or cluster.kind != "local":
+        return cluster
+    local = cluster.local.model_copy(update={"n_workers": 1, "threads_per_worker": 1, "resources": {"GPU": 1}})
+    return cluster.model_copy(update={"local": local})
 
 
 def _workers_have_gpus(client: Client) -> bool:
@@ -343,7 +378,7 @@ def _worker_threads() -> int:
 
         return max(1, get_worker().state.nthreads)
     except ValueError:  # not inside a worker
-        return max(1, os.cpu_count() or 1)
+        return 1
 
 
 def _predict_task(
@@ -352,7 +387,9 @@ def _predict_task(
 ) -> str:  # fmt: skip
     device = resolve_device(config.device)
     if device.type == "cpu":
-        torch.set_num_threads(_worker_threads())  # torch threads match the worker's threads
+        # A worker runs one task per thread at once: one torch thread each keeps the
+        # process at the worker's thread count (torch's setting is per calling thread).
+        torch.set_num_threads(1 if _worker_threads() > 1 else max(1, len(os.sched_getaffinity(0))))
     model = _worker_model(checkpoint, sha256, device)
     arrays, _ = open_image(image)
     probability = _predict_region(model, arrays[0], block.write, norm, halo, config, device)

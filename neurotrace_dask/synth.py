@@ -553,16 +553,19 @@ def _photons(scene: Scene, bounds: Sequence[tuple[int, int]]) -> tuple[np.ndarra
 
 
 def _background(scene: Scene, bounds: Sequence[tuple[int, int]]) -> np.ndarray:
-    """Trilinear interpolation of the autofluorescence lattice, as three small matrix products."""
+    """Trilinear interpolation of the autofluorescence lattice, one axis at a time.
+
+    Each value depends only on its own position (no sums whose order could vary), so any
+    region gives the same bits as the whole volume.
+    """
     field = scene.autofluorescence
     for axis, ((a, b), step) in enumerate(zip(bounds, scene.lattice_step)):
         position = np.arange(a, b) / step
         left = np.floor(position).astype(np.int64)
-        weights = np.zeros((b - a, field.shape[axis]), np.float32)
-        rows = np.arange(b - a)
-        weights[rows, left] = 1 - (position - left)
-        weights[rows, left + 1] += position - left
-        field = np.moveaxis(np.tensordot(weights, field, axes=([1], [axis])), 0, axis)
+        shape = [1, 1, 1]
+        shape[axis] = b - a
+        right = (position - left).astype(np.float32).reshape(shape)
+        field = np.take(field, left, axis=axis) * (1 - right) + np.take(field, left + 1, axis=axis) * right
     return field.astype(np.float32)
 
 
@@ -639,7 +642,8 @@ def render_to_zarr(
 
     Writes ``OUT/image.ome.zarr``, ``OUT/mask.ome.zarr`` (labels: 0 background, neuron
     ``i`` = ``i``), ``OUT/gold.swc`` (voxel coordinates, voxel size in the header),
-    ``OUT/synth.json`` (parameters), and with ``tiff`` an ImageJ ``OUT/image.tif``.
+    ``OUT/synth.json`` (parameters), and with ``tiff`` an ImageJ ``OUT/image.tif`` (made
+    from the whole image in memory: for small scenes).
     The folder is built as ``OUT.partial`` and renamed when complete.
 
     Parameters
@@ -661,15 +665,17 @@ def render_to_zarr(
     >>> render_to_zarr(scene, "synth_out").summary()  # doctest: +SKIP
     """
     from .blocks import BlockGrid
-    from .io.omezarr import mark_complete, plan_layout, write_image_metadata
+    from .io.omezarr import mark_complete, plan_layout, replace_store, write_image_metadata
 
     started = time.perf_counter()
     out = Path(out)
     if out.exists() and not overwrite:
         raise OutputError(f"{out}: already exists (pass --overwrite to replace it)")
+    if out.exists() and not _synth_folder(out):
+        raise OutputError(f"{out}: exists and was not written by neurotrace synth; refusing to replace it")
     partial = out.with_name(out.name + ".partial")
     if partial.exists():  # an interrupted render: ours to discard, anything else is the user's
-        if not (partial / "image.ome.zarr" / "zarr.json").exists():
+        if not _synth_folder(partial):
             raise OutputError(f"{partial}: exists and was not written by neurotrace synth; move it away first")
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
@@ -679,7 +685,8 @@ def render_to_zarr(
     extra = {"synth": scene.params.model_dump(mode="json")}
     write_image_metadata(partial / "image.ome.zarr", image_layout, name="synthetic image", extra=extra)
     write_image_metadata(partial / "mask.ome.zarr", mask_layout, name="synthetic neurite mask", extra=extra)
-    unit = image_layout.chunks[0]
+    # Blocks own whole chunks and whole noise tiles (no tile is drawn twice).
+    unit = tuple(math.lcm(c, NOISE_TILE) for c in image_layout.chunks[0])
     per_block = max(1, block_bytes // (scene.dtype.itemsize * math.prod(unit)))
     side = max(1, round(per_block ** (1 / 3)))
     grid = BlockGrid.for_storage(scene.shape, tuple(side * c for c in unit), chunks_or_shards=unit)
@@ -701,12 +708,17 @@ def render_to_zarr(
          "tree_labels": scene.gold_labels.tolist(), "params": scene.params.model_dump(mode="json")}, indent=1))  # fmt: skip
     if tiff:
         _write_tiff(partial / "image.tif", partial / "image.ome.zarr", scene.voxel_size)
-    if out.exists():
-        shutil.rmtree(out)
-    partial.rename(out)
+    replace_store(partial, out)
     return SynthResult(out, out / "image.ome.zarr", out / "mask.ome.zarr", out / "gold.swc",
                        out / "image.tif" if tiff else None, scene.shape, scene.voxel_size, scene.n_neurons,
                        len(grid), time.perf_counter() - started)  # fmt: skip
+
+
+def _synth_folder(path: Path) -> bool:
+    """Whether ``path`` is a folder this function wrote (and may delete)."""
+    from .io.omezarr import written_by_us
+
+    return path.is_dir() and written_by_us(path / "image.ome.zarr")
 
 
 def _render_block(region: tuple[slice, ...], scene: Scene, folder: Path) -> None:

@@ -12,7 +12,7 @@ from neurotrace_dask.errors import ConfigError, InputError, OutputError
 from neurotrace_dask.io.omezarr import open_image
 from neurotrace_dask.model import ModelSpec, build_model, load_checkpoint, save_checkpoint
 from neurotrace_dask.predict import _starts, predict, predict_array
-from neurotrace_dask.synth import random_scene, render_to_zarr
+from neurotrace_dask.synth import random_scene, render, render_to_zarr
 
 SPEC = ModelSpec(width=4, modules_per_stage=1)
 ONE_PASS = dict(patch=(256, 256, 256))  # every read region in one pass: isolates blocking
@@ -162,3 +162,53 @@ def test_cli_predicts_and_gives_one_line_errors(tmp_path, image, checkpoint, who
     bad.write_text("{not json")
     broken = run("predict", str(image), "--out", str(tmp_path / "q.ome.zarr"), "--checkpoint", str(bad))
     assert broken.returncode == 2 and str(bad) in broken.stderr and len(broken.stderr.strip().splitlines()) == 1
+
+
+def test_default_halo_keeps_the_shipped_architecture_within_2_levels():
+    """The default halo is enough for the 'small' preset (random weights: a harsh case)."""
+    import torch
+
+    from neurotrace_dask.blocks import BlockGrid
+    from neurotrace_dask.model import PRESETS, Checkpoint
+    from neurotrace_dask.predict import _aligned_halo, _predict_region
+
+    spec = PRESETS["small"]
+    ckpt = Checkpoint(build_model(spec, seed=0).eval(), spec, {"normalisation": {"percentiles": [1, 99.9]}},
+                      "0" * 64, None)  # fmt: skip
+    volume, _ = render(random_scene(2, (24, 64, 80), SynthConfig(seed=1)))
+    config = PredictConfig(patch=(512, 512, 512), skip_background=False)
+    norm = ckpt.measure_normalisation(volume)
+    whole = predict_array(volume, ckpt, config, norm=norm)
+    blocked = np.zeros_like(whole)
+    for block in BlockGrid(volume.shape, (8, 32, 32), align=8):
+        blocked[block.write] = _predict_region(ckpt.model, volume, block.write, norm, _aligned_halo(config.halo),
+                                               config, torch.device("cpu"))  # fmt: skip
+    assert np.ptp(whole) > 40 and np.abs(blocked.astype(int) - whole).max() <= 2
+
+
+def test_reads_outside_the_volume_mirror_the_volume_not_the_block():
+    from neurotrace_dask.predict import _mirrored_read
+
+    volume = np.arange(97 * 3 * 2).reshape(97, 3, 2)
+    padded = np.pad(volume, ((40, 40), (40, 40), (0, 0)), mode="reflect")
+    # A one-voxel last block with a halo of 24, its far end extended to a multiple of 8.
+    for bounds in ([(72, 128), (-24, 27), (0, 2)], [(-30, 10), (0, 3), (0, 2)], [(90, 130), (-5, 8), (0, 2)]):
+        expected = padded[tuple(slice(a + p, b + p) for (a, b), p in zip(bounds, (40, 40, 0)))]
+        assert np.array_equal(_mirrored_read(volume, bounds), expected), bounds
+
+
+def test_an_interrupted_rename_finishes_without_recomputing(tmp_path, image, checkpoint, whole, client):
+    out = tmp_path / "p.ome.zarr"
+    config = PredictConfig(checkpoint=checkpoint, block=(24, 48, 48), **ONE_PASS)
+    predict(image, out, config, client=client)
+    out.rename(out.with_name(out.name + ".partial"))  # complete, markers gone, not yet renamed
+    again = predict(image, out, config, client=client)
+    assert again.computed == 0 and np.abs(stored(out).astype(int) - whole).max() <= 2
+
+
+def test_overwrite_never_replaces_a_store_it_did_not_write(tmp_path, image, checkpoint, client):
+    foreign = tmp_path / "theirs.ome.zarr"
+    zarr.open_group(str(foreign), mode="w").attrs["owner"] = "someone else"
+    with pytest.raises(OutputError, match="not written by neurotrace"):
+        predict(image, foreign, PredictConfig(checkpoint=checkpoint, overwrite=True), client=client)
+    assert zarr.open_group(str(foreign), mode="r").attrs["owner"] == "someone else"

@@ -56,7 +56,7 @@ def test_any_region_equals_the_whole_render_across_noise_tiles():
 def test_block_by_block_zarr_equals_in_memory_render(tmp_path):
     scene = random_scene(3, (40, 100, 120), SynthConfig(seed=2, bits=16))
     result = render_to_zarr(scene, tmp_path / "s", chunks=(16, 32, 32), block_bytes=16 * 32 * 32 * 2, tiff=True)
-    assert result.blocks > 10
+    assert result.blocks > 2
     image, mask = render(scene)
     arrays, voxel = open_image(result.image)
     assert voxel == scene.voxel_size and arrays[0].dtype == np.uint16
@@ -76,15 +76,16 @@ def test_render_on_a_dask_cluster_matches(tmp_path, client):
     assert np.array_equal(open_image(result.image)[0][0][...], render(scene)[0])
 
 
-def test_existing_output_is_refused_and_kept(tmp_path):
+def test_existing_output_is_refused_and_kept_unless_overwrite(tmp_path):
     out = tmp_path / "s"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    render_to_zarr(random_scene(1, (16, 32, 32), SynthConfig(seed=1)), out)
+    first = read_swc(out / "gold.swc")
     with pytest.raises(OutputError, match="already exists"):
-        render_to_zarr(random_scene(1, (16, 32, 32)), out)
-    assert (out / "keep.txt").read_text() == "mine"
-    render_to_zarr(random_scene(1, (16, 32, 32)), out, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "gold.swc").exists()
+        render_to_zarr(random_scene(1, (16, 32, 32), SynthConfig(seed=2)), out)
+    assert np.array_equal(read_swc(out / "gold.swc").xyz, first.xyz)
+    render_to_zarr(random_scene(1, (16, 32, 32), SynthConfig(seed=2)), out, overwrite=True)
+    assert not np.array_equal(read_swc(out / "gold.swc").xyz, first.xyz)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]  # no partial or replaced folders left
 
 
 def test_intensity_scales_the_signal_and_keeps_the_noise_model():
@@ -226,3 +227,12 @@ def test_a_foreign_partial_folder_is_not_deleted(tmp_path):
     with pytest.raises(OutputError, match="not written by neurotrace"):
         render_to_zarr(random_scene(1, (16, 32, 32)), tmp_path / "s")
     assert (partial / "notes.txt").read_text() == "mine"
+
+
+def test_overwrite_refuses_a_folder_synth_did_not_write(tmp_path):
+    mine = tmp_path / "my_data"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    with pytest.raises(OutputError, match="not written by neurotrace synth"):
+        render_to_zarr(random_scene(1, (16, 32, 32)), mine, overwrite=True)
+    assert (mine / "notes.txt").read_text() == "precious"

@@ -269,7 +269,7 @@ def convert(
     partial = out.with_name(out.name + ".partial")
     store = str(partial)
     try:
-        resumed = prepare_partial(partial, digest, config.overwrite, DONE_FOLDER, what="conversion")
+        resumed = prepare_partial(partial, digest, config.overwrite, what="conversion")
         if not resumed:
             write_image_metadata(
                 partial, layout, name=Path(source.name).name, compression_level=config.compression_level,

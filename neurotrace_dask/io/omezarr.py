@@ -326,12 +326,12 @@ def written_by_us(path: Path) -> bool:
         return False
 
 
-def prepare_partial(partial: Path, digest: str, overwrite: bool, done_folder: str, *, what: str) -> bool:
+def prepare_partial(partial: Path, digest: str, overwrite: bool, *, what: str) -> bool:
     """Get ``partial`` (an ``OUT.partial`` store) ready; whether an interrupted run can resume there.
 
-    A store of ours with the same layout hash and its done markers resumes. Another one is
-    refused unless ``overwrite`` (then deleted); anything not written by this package is
-    never deleted.
+    A store of ours with the same layout hash resumes (its done markers, if any, say what is
+    left). Another one is refused unless ``overwrite`` (then deleted); anything not written
+    by this package is never deleted.
     """
     if not partial.exists():
         partial.parent.mkdir(parents=True, exist_ok=True)
@@ -339,7 +339,7 @@ def prepare_partial(partial: Path, digest: str, overwrite: bool, done_folder: st
     if not written_by_us(partial):
         raise OutputError(f"{partial}: exists and was not written by neurotrace; move it away first")
     previous = zarr.open_group(str(partial), mode="r").attrs["neurotrace"].get("layout_hash")
-    if previous == digest and (partial / done_folder).exists():
+    if previous == digest:
         return True
     if not overwrite:
         raise OutputError(
