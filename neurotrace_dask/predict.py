@@ -20,7 +20,6 @@ as the whole-volume reference); :func:`predict` is the distributed, resumable st
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import threading
 import time
@@ -372,24 +371,15 @@ def _worker_model(path: str, sha256: str, device: torch.device) -> torch.nn.Modu
         return _MODELS[key]
 
 
-def _worker_threads() -> int:
-    try:
-        from distributed import get_worker
-
-        return max(1, get_worker().state.nthreads)
-    except ValueError:  # not inside a worker
-        return 1
-
-
 def _predict_task(
     block: Block, *, image: str, store: str, checkpoint: str, sha256: str, norm: Normalisation, halo: int,
     config: PredictConfig, markers: DoneMarkers,
 ) -> str:  # fmt: skip
     device = resolve_device(config.device)
     if device.type == "cpu":
-        # A worker runs one task per thread at once: one torch thread each keeps the
-        # process at the worker's thread count (torch's setting is per calling thread).
-        torch.set_num_threads(1 if _worker_threads() > 1 else max(1, len(os.sched_getaffinity(0))))
+        # A worker runs one task per thread at once: one torch thread each keeps the torch
+        # threads equal to the worker's threads (torch's setting is per calling thread).
+        torch.set_num_threads(1)
     model = _worker_model(checkpoint, sha256, device)
     arrays, _ = open_image(image)
     probability = _predict_region(model, arrays[0], block.write, norm, halo, config, device)
