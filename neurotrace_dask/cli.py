@@ -176,6 +176,24 @@ def predict(
     typer.echo(run_predict(image, out, cfg.predict, cluster=cfg.cluster).summary())
 
 
+@app.command()
+def trace(
+    image: Annotated[Path, typer.Argument(help="Probability OME-Zarr (uint8, from predict), or a raw image with --raw.")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder: neurons/NNNN.swc, neurons.swc, review.csv.")],
+    raw: Annotated[bool, typer.Option("--raw", help="The input is a raw image: threshold it locally first.")] = False,
+    seeds: Annotated[Optional[Path], typer.Option("--seeds", help="CSV of z,y,x seed voxels traced first.")] = None,
+    high: Annotated[Optional[float], typer.Option("--high", help="Hysteresis high threshold (0-255).")] = None,
+    low: Annotated[Optional[float], typer.Option("--low", help="Hysteresis low threshold (0-255).")] = None,
+    config: ConfigOption = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")] = False,
+) -> None:
+    """Trace neurons by voxel scooping in a volume that fits one block (with gap bridging)."""
+    from .trace import trace_image
+
+    cfg = load_config(config, {"trace": _drop_none(dict(high=high, low=low, overwrite=overwrite))})
+    typer.echo(trace_image(image, out, cfg.trace, raw=raw, seeds=seeds).summary())
+
+
 @swc_app.command("check")
 def swc_check(file: Annotated[Path, typer.Argument(help="SWC file to validate.")]) -> None:
     """Validate an SWC file and print a summary (nodes, trees, cable length)."""

@@ -32,6 +32,7 @@ __all__ = [
     "PredictConfig",
     "SlurmConfig",
     "SynthConfig",
+    "TraceConfig",
     "dump_config",
     "load_config",
 ]
@@ -205,6 +206,39 @@ class PredictConfig(_Strict):
     overwrite: bool = False
 
 
+class TraceConfig(_Strict):
+    """Options of ``neurotrace trace`` (voxel scooping; see :mod:`neurotrace_dask.trace`).
+
+    ``high`` / ``low`` are hysteresis thresholds on the 0-255 probability. With ``raw``
+    input the image is first scaled to that probability: the image smoothed with sigma 1
+    voxel minus a Gaussian background of ``background_sigma`` um, in robust noise units,
+    with ``k_low`` noise units mapped to ``low`` and ``k_high`` to ``high``. Lengths in um.
+    """
+
+    high: Annotated[float, Field(ge=0, le=255)] = 128.0
+    low: Annotated[float, Field(ge=0, le=255)] = 64.0
+    soma_radius: Positive = 2.5  # distance-transform depth of a soma
+    scoop: Positive = 1.0  # scooping distance in local diameters
+    spur_factor: NonNegative = 1.0  # prune terminal branches shorter than this many local diameters
+    min_length: NonNegative = 3.0  # drop fragments with less cable and no soma
+    smooth: bool = True  # 3-node moving average along paths
+    bridge_distance: NonNegative = 6.0  # largest gap bridged; 0 disables bridging
+    bridge_angle: Annotated[float, Field(ge=0, le=180)] = 60.0  # largest turn, degrees
+    bridge_min_mean: Annotated[float, Field(ge=0, le=255)] = 32.0  # least mean probability along a bridge
+    k_high: Positive = 8.0
+    k_low: Positive = 4.0
+    background_sigma: Positive = 3.0
+    overwrite: bool = False
+
+    @model_validator(mode="after")
+    def _low_below_high(self) -> TraceConfig:
+        if self.low > self.high:
+            raise ValueError(f"trace.low {self.low} must not exceed trace.high {self.high}")
+        if self.k_low > self.k_high:
+            raise ValueError(f"trace.k_low {self.k_low} must not exceed trace.k_high {self.k_high}")
+        return self
+
+
 class Config(_Strict):
     """Configuration of the whole pipeline; one section per stage."""
 
@@ -212,6 +246,7 @@ class Config(_Strict):
     convert: ConvertConfig = Field(default_factory=ConvertConfig)
     predict: PredictConfig = Field(default_factory=PredictConfig)
     synth: SynthConfig = Field(default_factory=SynthConfig)
+    trace: TraceConfig = Field(default_factory=TraceConfig)
 
 
 def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

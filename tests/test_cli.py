@@ -25,7 +25,8 @@ def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 
 def test_version_and_help():
     assert run("--version").stdout.strip() == f"neurotrace_dask {__version__}"
-    for command in ([], ["info"], ["convert"], ["config", "show"], ["swc", "check"], ["demo"], ["evaluate"], ["synth"], ["predict"]):
+    commands = ["info", "convert", "demo", "evaluate", "synth", "predict", "trace"]
+    for command in ([], ["config", "show"], ["swc", "check"], *([c] for c in commands)):
         result = run(*command, "--help")
         assert result.returncode == 0 and "Usage" in result.stdout, command
 
