@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup demo test bench peers clean
+.PHONY: setup demo test bench accuracy peers clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,12 @@ test: setup
 
 bench: setup
 	$(BIN)/python benchmarks/convert.py
+	$(BIN)/python benchmarks/predict.py
+	$(BIN)/python benchmarks/synth_vs_op.py
+
+# The weak-neurite accuracy benchmark: this project's tracers and the peers (about 30 min on 2 cores).
+accuracy: setup peers
+	$(BIN)/python benchmarks/accuracy.py --jobs 2
 
 # Peer tracers (kimimaro, Rivulet2; APP2 if on PATH) in their own venv: see benchmarks/peers/README.md.
 PEERS := .peers

@@ -183,3 +183,42 @@ def test_cli_trace(tmp_path):
     # Thresholds that contradict each other are a one-line config error.
     bad = run("trace", str(image), "--out", str(tmp_path / "o3"), "--high", "10", "--low", "20")
     assert bad.returncode == 2 and "trace.low" in bad.stderr
+
+
+def test_a_loop_is_traced_once_without_hanging():
+    # A ring of radius 15 in one plane: must end as a tree (cycle broken), cable about 2 pi r.
+    vol = np.zeros((12, 48, 48), np.uint8)
+    for angle in np.linspace(0, 2 * np.pi, 400, endpoint=False):
+        centre = (6, 24 + 15 * np.sin(angle), 24 + 15 * np.cos(angle))
+        ball(vol, centre, 1.6, value=200)
+    swc = trace_block(vol, high=128, low=64).to_swc()
+    assert swc.n_trees == 1
+    assert 0.8 * 2 * np.pi * 15 <= swc.cable_length() <= 1.15 * 2 * np.pi * 15
+    positions = np.round(swc.zyx, 3)
+    assert len(np.unique(positions, axis=0)) == swc.n_nodes  # no duplicated nodes
+
+
+@pytest.mark.parametrize("value", [0, 255])
+def test_empty_and_all_foreground_blocks(value):
+    vol = np.full((16, 20, 24), value, np.uint8)
+    frags = trace_block(vol, high=128, low=64)
+    if value == 0:
+        assert frags.n_nodes == 0 and frags.edges.shape[0] == 0
+    else:  # one solid block: one compact tree, nothing outside the block
+        swc = frags.to_swc()
+        assert swc.n_trees == 1
+        assert (frags.positions >= 0).all() and (frags.positions <= np.array(vol.shape) - 1).all()
+
+
+def test_single_voxel_is_not_a_neuron():
+    vol = np.zeros((9, 9, 9), np.uint8)
+    vol[4, 4, 4] = 255
+    assert trace_block(vol, high=128, low=64).n_nodes == 0  # shorter than min_length, no soma
+
+
+def test_anisotropic_voxels_measure_in_micrometres():
+    # A tube along z, 40 slices of 2 um: 78 um of cable, traced in z steps.
+    vol = tube((44, 16, 16), (2, 8, 8), (41, 8, 8), 2.0)
+    swc = trace_block(vol, voxel_size=(2.0, 0.5, 0.5), high=128, low=64).to_swc()
+    assert swc.n_trees == 1
+    assert abs(swc.cable_length(scale_zyx=(2.0, 0.5, 0.5)) - 78) <= 0.1 * 78
