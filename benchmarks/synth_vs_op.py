@@ -63,7 +63,7 @@ def statistics(image: np.ndarray, gold: SWC) -> dict[str, float]:
         "background": bg,
         "noise": noise,
         "centreline": centre,
-        "contrast": (centre - bg) / noise if noise > 0 else float("inf"),
+        "contrast": (centre - bg) / noise if noise > 0 else None,  # noise-free background: undefined
         "fwhm_um": fwhm(image, points, direction, bg),
     }
 
@@ -114,8 +114,9 @@ def main() -> int:
     print(header)
     print("-" * len(header))
     for r in rows:
+        contrast = "n/a" if r["contrast"] is None else f"{r['contrast']:.1f}"
         print(f"{r['stack']:6} {r['source']:6} {r['background']:10.1f} {r['noise']:7.2f} {r['centreline']:10.1f} "
-              f"{r['contrast']:9.1f} {r['fwhm_um']:8.2f}")  # fmt: skip
+              f"{contrast:>9} {r['fwhm_um']:8.2f}")  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"voxel_size": VOXEL, "params": params.model_dump(mode="json"), "rows": rows}, indent=1))
     print(f"wrote {args.out}")
