@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import time
@@ -10,7 +9,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-from distributed import Client
 
 from neurotrace_dask.cluster import get_client, make_slurm_cluster, open_client, run_tasks
 from neurotrace_dask.config import ClusterConfig, LocalClusterConfig, SlurmConfig, load_config

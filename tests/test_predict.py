@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import zarr
 
-from neurotrace_dask.cluster import open_client
 from neurotrace_dask.config import ClusterConfig, LocalClusterConfig, PredictConfig, SynthConfig
 from neurotrace_dask.errors import ConfigError, InputError, OutputError
 from neurotrace_dask.io.omezarr import open_image
@@ -98,7 +97,7 @@ def test_all_background_blocks_are_skipped(tmp_path, checkpoint, client):
 
 
 def test_resume_skips_done_blocks_and_a_changed_layout_is_refused(tmp_path, image, checkpoint, whole, client):
-    from neurotrace_dask.blocks import BlockGrid, DoneMarkers, layout_hash
+    from neurotrace_dask.blocks import BlockGrid, DoneMarkers
 
     out = tmp_path / "p.ome.zarr"
     config = PredictConfig(checkpoint=checkpoint, block=(16, 24, 24), **ONE_PASS)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import zarr
 
 from neurotrace_dask.config import SynthConfig
 from neurotrace_dask.errors import InputError, OutputError
