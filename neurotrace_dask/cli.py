@@ -40,6 +40,7 @@ SchedulerOption = Annotated[
 SlurmOption = Annotated[bool, typer.Option("--slurm", help="Run on SLURM as the config's cluster.slurm says.")]
 WorkersOption = Annotated[Optional[int], typer.Option("--workers", help="Local cluster: worker processes.", min=1)]
 ThreadsOption = Annotated[Optional[int], typer.Option("--threads", help="Local cluster: threads per worker.", min=1)]
+OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")]
 
 
 def _version(value: bool) -> None:
@@ -125,7 +126,7 @@ def convert(
     rescale: Annotated[
         Optional[str], typer.Option("--rescale", help="Map other dtypes linearly onto uint8 or uint16.")
     ] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")] = False,
+    overwrite: OverwriteOption = False,
     scheduler: SchedulerOption = None,
     slurm: SlurmOption = False,
     workers: WorkersOption = None,
@@ -157,7 +158,7 @@ def predict(
     block: Annotated[Optional[Triple], typer.Option("--block", help="Write block Z Y X per task.")] = None,
     halo: Annotated[Optional[int], typer.Option("--halo", help="Context voxels around each block.", min=0)] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda.")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")] = False,
+    overwrite: OverwriteOption = False,
     scheduler: SchedulerOption = None,
     slurm: SlurmOption = False,
     workers: WorkersOption = None,
@@ -185,7 +186,7 @@ def trace(
     high: Annotated[Optional[float], typer.Option("--high", help="Hysteresis high threshold (0-255).")] = None,
     low: Annotated[Optional[float], typer.Option("--low", help="Hysteresis low threshold (0-255).")] = None,
     config: ConfigOption = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")] = False,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Trace neurons by voxel scooping in a volume that fits one block (with gap bridging)."""
     from .trace import trace_image
@@ -223,7 +224,7 @@ def synth(
     seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed (same seed, same volume).")] = None,
     chunks: Annotated[Optional[Triple], typer.Option("--chunks", help="Chunk shape Z Y X (default ~1-2 MB).")] = None,
     tiff: Annotated[bool, typer.Option("--tiff", help="Also write image.tif (ImageJ) for other tools.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")] = False,
+    overwrite: OverwriteOption = False,
     scheduler: SchedulerOption = None,
     slurm: SlurmOption = False,
     workers: WorkersOption = None,

@@ -276,6 +276,17 @@ def _centroid(pool, start, end, shape, dt):  # pragma: no cover - numba
     return cz / m, cy / m, cx / m, rmax
 
 
+@numba.njit(cache=True, inline="always")
+def _neighbour(v, o, nz, ny, nx):  # pragma: no cover - numba
+    """Flat index of the ``o``-th 26-neighbour of flat voxel ``v``; -1 outside the block."""
+    z = v // (ny * nx) + _OFFSETS[o, 0]
+    y = (v // nx) % ny + _OFFSETS[o, 1]
+    x = v % nx + _OFFSETS[o, 2]
+    if z < 0 or y < 0 or x < 0 or z >= nz or y >= ny or x >= nx:
+        return -1
+    return (z * ny + y) * nx + x
+
+
 @numba.njit(cache=True)
 def _scoop(fg, dt, seeds, shape, voxel, scoop):  # pragma: no cover - numba
     """Grow all fronts from ``seeds`` (flat indices); return node arrays.
@@ -335,17 +346,9 @@ def _scoop(fg, dt, seeds, shape, voxel, scoop):  # pragma: no cover - numba
         nl = 0
         for k in range(start, end):
             v = pool[k]
-            z = v // (ny * nx)
-            y = (v // nx) % ny
-            x = v % nx
             for o in range(26):
-                zz = z + _OFFSETS[o, 0]
-                yy = y + _OFFSETS[o, 1]
-                xx = x + _OFFSETS[o, 2]
-                if zz < 0 or yy < 0 or xx < 0 or zz >= nz or yy >= ny or xx >= nx:
-                    continue
-                u = (zz * ny + yy) * nx + xx
-                if fg[u] and state[u] == 0:
+                u = _neighbour(v, o, nz, ny, nx)
+                if u >= 0 and fg[u] and state[u] == 0:
                     state[u] = 1
                     layer[nl] = u
                     nl += 1
@@ -364,17 +367,9 @@ def _scoop(fg, dt, seeds, shape, voxel, scoop):  # pragma: no cover - numba
                 w = stack[top]
                 pool[pool_n] = w
                 pool_n += 1
-                z = w // (ny * nx)
-                y = (w // nx) % ny
-                x = w % nx
                 for o in range(26):
-                    zz = z + _OFFSETS[o, 0]
-                    yy = y + _OFFSETS[o, 1]
-                    xx = x + _OFFSETS[o, 2]
-                    if zz < 0 or yy < 0 or xx < 0 or zz >= nz or yy >= ny or xx >= nx:
-                        continue
-                    q = (zz * ny + yy) * nx + xx
-                    if state[q] == 1:
+                    q = _neighbour(w, o, nz, ny, nx)
+                    if q >= 0 and state[q] == 1:
                         state[q] = 2
                         stack[top] = q
                         top += 1
