@@ -180,19 +180,28 @@ def predict(
 @app.command()
 def trace(
     image: Annotated[Path, typer.Argument(help="Probability OME-Zarr (uint8, from predict), or a raw image with --raw.")],
-    out: Annotated[Path, typer.Option("--out", help="Output folder: neurons/NNNN.swc, neurons.swc, review.csv.")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder: neurons/NNNN.swc, neurons.csv, review.csv.")],
     raw: Annotated[bool, typer.Option("--raw", help="The input is a raw image: threshold it locally first.")] = False,
     seeds: Annotated[Optional[Path], typer.Option("--seeds", help="CSV of z,y,x seed voxels traced first.")] = None,
+    block: Annotated[Optional[Triple], typer.Option("--block", help="Voxels Z Y X traced per task.")] = None,
     high: Annotated[Optional[float], typer.Option("--high", help="Hysteresis high threshold (0-255).")] = None,
     low: Annotated[Optional[float], typer.Option("--low", help="Hysteresis low threshold (0-255).")] = None,
     config: ConfigOption = None,
     overwrite: OverwriteOption = False,
+    scheduler: SchedulerOption = None,
+    slurm: SlurmOption = False,
+    workers: WorkersOption = None,
+    threads: ThreadsOption = None,
 ) -> None:
-    """Trace neurons by voxel scooping in a volume that fits one block (with gap bridging)."""
-    from .trace import trace_image
+    """Trace neurons by voxel scooping, block by block on Dask, and stitch them (resumable)."""
+    from .trace import trace_volume
 
-    cfg = load_config(config, {"trace": _drop_none(dict(high=high, low=low, overwrite=overwrite))})
-    typer.echo(trace_image(image, out, cfg.trace, raw=raw, seeds=seeds).summary())
+    overrides = {
+        "trace": _drop_none(dict(block=block, high=high, low=low, overwrite=overwrite)),
+        "cluster": _cluster_overrides(scheduler, slurm, workers, threads),
+    }
+    cfg = load_config(config, overrides)
+    typer.echo(trace_volume(image, out, cfg.trace, raw=raw, seeds=seeds, cluster=cfg.cluster).summary())
 
 
 @swc_app.command("check")

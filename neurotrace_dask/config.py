@@ -207,7 +207,7 @@ class PredictConfig(_Strict):
 
 
 class TraceConfig(_Strict):
-    """Options of ``neurotrace trace`` (voxel scooping; see :mod:`neurotrace_dask.trace`).
+    """Options of ``neurotrace trace`` (voxel scooping by blocks, then stitching; see :mod:`neurotrace_dask.trace`).
 
     ``high`` / ``low`` are hysteresis thresholds on the 0-255 probability. With ``raw``
     input the image is first scaled to that probability: the image smoothed with sigma 1
@@ -228,6 +228,8 @@ class TraceConfig(_Strict):
     k_high: Positive = 8.0
     k_low: Positive = 4.0
     background_sigma: Positive = 3.0
+    block: Triple | None = None  # voxels per task; None: one block up to 2**27 voxels, else 256^3
+    halo: Annotated[int, Field(ge=1)] = 16  # context voxels around each block (hysteresis, somata)
     overwrite: bool = False
 
     @model_validator(mode="after")

@@ -46,25 +46,39 @@ Examples
 
 from __future__ import annotations
 
+import itertools
+import json
 import math
-from collections.abc import Sequence
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numba
 import numpy as np
 import numpy.typing as npt
+import zarr
 from scipy import ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import breadth_first_order, connected_components, minimum_spanning_tree
 from scipy.spatial import cKDTree
 
-from .config import TraceConfig
+from .blocks import Block, BlockGrid, DoneMarkers, layout_hash
+from .cluster import open_client, run_tasks
+from .config import ClusterConfig, TraceConfig
 from .errors import InputError, OutputError
 from .io.swc import SWC
 
-__all__ = ["BRIDGE_DTYPE", "Fragments", "TraceResult", "hysteresis", "raw_to_probability", "read_seeds",
-           "trace_block", "trace_image"]
+if TYPE_CHECKING:
+    from distributed import Client
+
+__all__ = ["BRIDGE_DTYPE", "Fragments", "TraceResult", "block_faces", "bridge_tips", "gap_mean", "hysteresis",
+           "line_voxels", "measure_noise", "raw_to_probability", "read_seeds", "trace_block", "trace_grid_block",
+           "trace_volume"]
 
 Float3 = tuple[float, float, float]
 
@@ -96,6 +110,13 @@ class Fragments:
         The gaps that bridging closed (midpoint, length in um, mean probability 0-255).
     voxel_size : (z, y, x)
         Voxel size in um.
+    port : (n,) bool
+        Node is a port: a voxel on a face shared with a neighbouring block, where the
+        neighbour's fragments join (same global integer position on both sides).
+    active : (n,) bool
+        Node's foreground component holds a voxel ``>= high`` in this block's view. Inactive
+        fragments (dim, touching a shared face) are kept only if the stitch joins them to
+        an active one: that is hysteresis across blocks.
     """
 
     positions: np.ndarray
@@ -106,6 +127,40 @@ class Fragments:
     soma: np.ndarray
     bridges: np.ndarray = field(default_factory=lambda: np.zeros(0, BRIDGE_DTYPE))
     voxel_size: Float3 = (1.0, 1.0, 1.0)
+    port: np.ndarray = None  # type: ignore[assignment]  # filled in __post_init__
+    active: np.ndarray = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.port is None:
+            self.port = np.zeros(self.positions.shape[0], bool)
+        if self.active is None:
+            self.active = np.ones(self.positions.shape[0], bool)
+
+    def save(self, path: str | Path) -> None:
+        """Write the record as ``.npz`` (no pickles), atomically: a temporary file renamed.
+
+        Examples
+        --------
+        >>> import tempfile, os
+        >>> prob = np.zeros((9, 9, 30), np.uint8); prob[3:6, 3:6, 3:27] = 200
+        >>> path = os.path.join(tempfile.mkdtemp(), "0.npz")
+        >>> trace_block(prob).save(path); Fragments.load(path).n_nodes == trace_block(prob).n_nodes
+        True
+        """
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(tmp, positions=self.positions, radius=self.radius, confidence=self.confidence, edges=self.edges,
+                 on_face=self.on_face, soma=self.soma, port=self.port, active=self.active, bridges=self.bridges,
+                 voxel_size=np.asarray(self.voxel_size, np.float64))  # fmt: skip
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Fragments:
+        """Read a record written by :meth:`save`."""
+        with np.load(path, allow_pickle=False) as f:
+            fields = {k: f[k] for k in f.files}
+        fields["voxel_size"] = tuple(float(v) for v in fields["voxel_size"])
+        return cls(**fields)
 
     @property
     def n_nodes(self) -> int:
@@ -198,6 +253,29 @@ def hysteresis(prob: np.ndarray, high: float, low: float) -> np.ndarray:
     return keep[labels]
 
 
+def _residual(image: np.ndarray, voxel: np.ndarray, background_sigma: float) -> np.ndarray:
+    img = np.asarray(image, np.float32)
+    return ndimage.gaussian_filter(img, 1.0) - ndimage.gaussian_filter(img, background_sigma / voxel)
+
+
+def measure_noise(image: np.ndarray, *, voxel_size: Sequence[float] = (1.0, 1.0, 1.0),
+                  background_sigma: float = 3.0) -> tuple[float, float]:  # fmt: skip
+    """Median and robust standard deviation (1.4826 x MAD) of an image's background-subtracted residual.
+
+    Measured once on a sample of a large volume and passed to every block's
+    :func:`raw_to_probability`, so that all blocks share one scale.
+
+    Examples
+    --------
+    >>> med, sd = measure_noise(np.random.default_rng(0).normal(10, 2, (16, 32, 32)))
+    >>> abs(med) < 0.1, 0.2 < sd < 2
+    (True, True)
+    """
+    residual = _residual(image, np.asarray(voxel_size, float), background_sigma)
+    med = float(np.median(residual))
+    return med, float(np.median(np.abs(residual - med))) * 1.4826
+
+
 def raw_to_probability(
     image: np.ndarray,
     *,
@@ -207,6 +285,7 @@ def raw_to_probability(
     k_high: float = 8.0,
     k_low: float = 4.0,
     background_sigma: float = 3.0,
+    noise: tuple[float, float] | None = None,
 ) -> np.ndarray:
     """Scale a raw fluorescence image to the 0-255 "probability" :func:`trace_block` expects.
 
@@ -216,6 +295,7 @@ def raw_to_probability(
     (``z = residual / (1.4826 * MAD)``, centred on the median) and mapped linearly so
     that ``z = k_low`` becomes ``low`` and ``z = k_high`` becomes ``high``. The MAD of
     smoothed, skewed (photon) noise understates its upper tail, hence ``k`` of 8 and 4.
+    ``noise`` (median, robust sd) from :func:`measure_noise` replaces the image's own.
 
     Examples
     --------
@@ -225,14 +305,12 @@ def raw_to_probability(
     >>> int(p[4, 16, 16]) >= 128, int(np.median(p)) < 64
     (True, True)
     """
-    img = np.asarray(image, np.float32)
     voxel = np.asarray(voxel_size, float)
-    smooth = ndimage.gaussian_filter(img, 1.0)
-    background = ndimage.gaussian_filter(img, background_sigma / voxel)
-    residual = smooth - background
-    med = float(np.median(residual))
-    mad = float(np.median(np.abs(residual - med))) * 1.4826
-    z = (residual - med) / max(mad, 1e-6)
+    residual = _residual(image, voxel, background_sigma)
+    if noise is None:
+        med = float(np.median(residual))
+        noise = (med, float(np.median(np.abs(residual - med))) * 1.4826)
+    z = (residual - noise[0]) / max(noise[1], 1e-6)
     slope = (high - low) / (k_high - k_low)
     return np.clip(low + (z - k_low) * slope, 0, 255).round().astype(np.uint8)
 
@@ -273,7 +351,11 @@ def _centroid(pool, start, end, shape, dt):  # pragma: no cover - numba
         if dt[v] > rmax:
             rmax = dt[v]
     m = end - start
-    return cz / m, cy / m, cx / m, rmax
+    cz, cy, cx = cz / m, cy / m, cx / m
+    # A ring-shaped cluster (a front leaving a soma sideways) has its centroid deep inside:
+    # the depth there, not the ring's, is the local radius.
+    inside = dt[(int(round(cz)) * ny + int(round(cy))) * nx + int(round(cx))]
+    return cz, cy, cx, max(rmax, inside)
 
 
 @numba.njit(cache=True, inline="always")
@@ -288,21 +370,30 @@ def _neighbour(v, o, nz, ny, nx):  # pragma: no cover - numba
 
 
 @numba.njit(cache=True)
-def _scoop(fg, dt, seeds, shape, voxel, scoop):  # pragma: no cover - numba
-    """Grow all fronts from ``seeds`` (flat indices); return node arrays.
+def _scoop(fg, dt, seed_pos, seed_radius, seed_ptr, seed_vox, shape, voxel, scoop):  # pragma: no cover - numba
+    """Grow all fronts from the seeds; return node arrays.
 
-    ``fg`` (flat bool) foreground, ``dt`` (flat float) distance transform in um.
+    ``fg`` (flat bool) foreground, ``dt`` (flat float) distance transform in um. Seed ``i``
+    is a node at ``seed_pos[i]`` (voxels) of radius ``seed_radius[i]`` whose first
+    cluster is the voxels ``seed_vox[seed_ptr[i]:seed_ptr[i + 1]]`` (flat indices; taken
+    voxels are skipped, and a seed with none left makes no node).
     Returns positions (k, 3), parent (k,), radius (k,), seed_of (k,): row of the seed node
-    each node grew from.
+    each node grew from, contacts (c, 2): where two trees' fronts met, a node of the
+    first and a node of the second (the first meeting of each pair of trees), and
+    seed_node: the node row of each seed, or -1.
     """
     nz, ny, nx = shape[0], shape[1], shape[2]
     nvox = nz * ny * nx
     state = np.zeros(nvox, np.uint8)  # 0 unvisited, 1 in the layer being split, 2 visited
+    tree = np.full(nvox, -1, np.int32)  # seed node of the front that took each voxel
+    owner = np.full(nvox, -1, np.int32)  # last node of that front when it scooped the voxel
+    met = dict()
+    met[(np.int64(-1), np.int64(-1))] = (np.int64(-1), np.int64(-1))
     n_fg = 0
     for v in range(nvox):
         if fg[v]:
             n_fg += 1
-    cap = n_fg + seeds.shape[0] + 1
+    cap = n_fg + seed_pos.shape[0] + 1
     pool = np.empty(cap, np.int64)  # voxels of every cluster, contiguous per cluster
     pool_n = 0
     # Front queue: cluster start, end, last node, size at last node.
@@ -316,24 +407,32 @@ def _scoop(fg, dt, seeds, shape, voxel, scoop):  # pragma: no cover - numba
     nn = 0
     vmin = min(voxel[0], min(voxel[1], voxel[2]))
     vmax = max(voxel[0], max(voxel[1], voxel[2]))
-    for i in range(seeds.shape[0]):
-        v = seeds[i]
-        if not fg[v] or state[v] != 0:
+    seed_node = np.full(seed_pos.shape[0], -1, np.int64)
+    for i in range(seed_pos.shape[0]):
+        # A seed is one voxel (a node on it), or a soma port: the face voxels of a soma
+        # centred in another block, hung from a node on that soma's centre.
+        start = pool_n
+        for k in range(seed_ptr[i], seed_ptr[i + 1]):
+            v = seed_vox[k]
+            if fg[v] and state[v] == 0:
+                state[v] = 2
+                tree[v] = nn
+                pool[pool_n] = v
+                pool_n += 1
+        if pool_n == start:
             continue
-        state[v] = 2
-        pool[pool_n] = v
-        pos[nn, 0] = v // (ny * nx)
-        pos[nn, 1] = (v // nx) % ny
-        pos[nn, 2] = v % nx
+        pos[nn, 0] = seed_pos[i, 0]
+        pos[nn, 1] = seed_pos[i, 1]
+        pos[nn, 2] = seed_pos[i, 2]
         parent[nn] = -1
-        radius[nn] = dt[v]
+        radius[nn] = seed_radius[i]
         seed_of[nn] = nn
-        queue[qtail, 0] = pool_n
-        queue[qtail, 1] = pool_n + 1
+        seed_node[i] = nn
+        queue[qtail, 0] = start
+        queue[qtail, 1] = pool_n
         queue[qtail, 2] = nn
-        queue[qtail, 3] = 1
+        queue[qtail, 3] = pool_n - start
         qtail += 1
-        pool_n += 1
         nn += 1
     layer = np.empty(cap, np.int64)
     stack = np.empty(cap, np.int64)
@@ -342,16 +441,25 @@ def _scoop(fg, dt, seeds, shape, voxel, scoop):  # pragma: no cover - numba
     while qhead < qtail:
         start, end, p, sp = queue[qhead, 0], queue[qhead, 1], queue[qhead, 2], queue[qhead, 3]
         qhead += 1
-        # The next layer: unvisited foreground 26-neighbours of the cluster.
+        mine = seed_of[p]
+        # The next layer: unvisited foreground 26-neighbours of the cluster. A neighbour
+        # another tree took is where two fronts meet: remember the first such contact.
         nl = 0
         for k in range(start, end):
             v = pool[k]
+            owner[v] = p
             for o in range(26):
                 u = _neighbour(v, o, nz, ny, nx)
-                if u >= 0 and fg[u] and state[u] == 0:
+                if u < 0 or not fg[u]:
+                    continue
+                if state[u] == 0:
                     state[u] = 1
                     layer[nl] = u
                     nl += 1
+                elif state[u] == 2 and tree[u] != mine:
+                    key = (np.int64(min(mine, tree[u])), np.int64(max(mine, tree[u])))
+                    if key not in met:
+                        met[key] = (np.int64(p), np.int64(u))
         # Split the layer into 26-connected clusters (each contiguous in the pool).
         nc = 0
         for i in range(nl):
@@ -365,6 +473,7 @@ def _scoop(fg, dt, seeds, shape, voxel, scoop):  # pragma: no cover - numba
             while top > 0:
                 top -= 1
                 w = stack[top]
+                tree[w] = mine
                 pool[pool_n] = w
                 pool_n += 1
                 for o in range(26):
@@ -417,7 +526,18 @@ def _scoop(fg, dt, seeds, shape, voxel, scoop):  # pragma: no cover - numba
         queue[qtail, 2] = p
         queue[qtail, 3] = sp
         qtail += 1
-    return pos[:nn].copy(), parent[:nn].copy(), radius[:nn].copy(), seed_of[:nn].copy()
+    # Every scooped voxel has an owner now; contacts become node pairs (in meeting order).
+    contacts = np.empty((len(met), 3), np.int64)
+    nc = 0
+    for key, value in met.items():
+        if key[0] >= 0:
+            contacts[nc, 0] = value[0]
+            contacts[nc, 1] = owner[value[1]]
+            contacts[nc, 2] = value[1]
+            nc += 1
+    order = np.argsort(contacts[:nc, 2], kind="mergesort")
+    return (pos[:nn].copy(), parent[:nn].copy(), radius[:nn].copy(), seed_of[:nn].copy(), contacts[order, :2].copy(),
+            seed_node)
 
 
 # --------------------------------------------------------------------------- graph helpers
@@ -433,7 +553,10 @@ def _adjacency(n: int, edges: np.ndarray) -> list[list[int]]:
 
 def _prune_spurs(pos_um: np.ndarray, radius: np.ndarray, edges: np.ndarray, soma: np.ndarray,
                  factor: float) -> np.ndarray:  # fmt: skip
-    """Keep-mask of nodes after removing terminal branches shorter than ``factor`` x the local diameter."""
+    """Keep-mask of nodes after removing terminal branches shorter than ``factor`` x the local diameter.
+
+    ``soma`` marks held nodes: never pruned, and a branch holding one is kept.
+    """
     n = pos_um.shape[0]
     keep = np.ones(n, bool)
     if factor <= 0:
@@ -470,18 +593,26 @@ def _renumber(keep: np.ndarray, edges: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return new, new[e].reshape(-1, 2)
 
 
-def _sample_line(prob: np.ndarray, fg: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
-    """Mean of ``prob`` along the segment a-b (half-voxel steps, nearest voxels) over the gap.
+def line_voxels(a: np.ndarray, b: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Voxels ``(k, 3)`` along the segment a-b (half-voxel steps, nearest voxels, clipped to ``shape``).
+
+    Examples
+    --------
+    >>> line_voxels(np.array([0., 0, 0]), np.array([0., 0, 2]), (1, 1, 3)).tolist()
+    [[0, 0, 0], [0, 0, 0], [0, 0, 1], [0, 0, 2], [0, 0, 2]]
+    """
+    k = max(2, int(np.ceil(np.linalg.norm(b - a) * 2)) + 1)
+    t = np.linspace(0, 1, k)[:, None]
+    return np.clip(np.rint(a + t * (b - a)).astype(np.int64), 0, np.asarray(shape) - 1)
+
+
+def gap_mean(values: np.ndarray, gap: np.ndarray) -> float:
+    """Mean probability over the gap samples of a line (all samples if none lies in a gap).
 
     Only samples outside the foreground count: the fragments' own bright ends must not
     lift a dark gap over the bar.
     """
-    k = max(2, int(np.ceil(np.linalg.norm(b - a) * 2)) + 1)
-    t = np.linspace(0, 1, k)[:, None]
-    idx = np.rint(a + t * (b - a)).astype(np.int64)
-    idx = np.clip(idx, 0, np.asarray(prob.shape) - 1)
-    values = prob[idx[:, 0], idx[:, 1], idx[:, 2]].astype(np.float64)
-    gap = ~fg[idx[:, 0], idx[:, 1], idx[:, 2]]
+    values = np.asarray(values, np.float64)
     return float(values[gap].mean() if gap.any() else values.mean())
 
 
@@ -499,9 +630,27 @@ def _tip_direction(pos_um: np.ndarray, adj: list[list[int]], tip: int, steps: in
     return d / norm if norm > 0 else None
 
 
-def _bridge(prob: np.ndarray, fg: np.ndarray, pos: np.ndarray, voxel: np.ndarray, edges: np.ndarray, soma: np.ndarray,
-            distance: float, angle: float, min_mean: float) -> tuple[np.ndarray, list[tuple]]:  # fmt: skip
-    """Edges linking tips to other fragments, and the bridges' records."""
+def bridge_tips(
+    pos: np.ndarray,
+    voxel: np.ndarray,
+    edges: np.ndarray,
+    fixed: np.ndarray,
+    sample: Callable[[np.ndarray, np.ndarray], float],
+    *,
+    distance: float,
+    angle: float,
+    min_mean: float,
+    allowed: Callable[[int, int], bool] | None = None,
+) -> tuple[np.ndarray, list[tuple]]:
+    """Link tips to nearby fragments; return the new edge list and the bridges' records.
+
+    A tip (degree 1, not ``fixed``) links to the nearest node of another fragment within
+    ``distance`` um when the bridge turns less than ``angle`` degrees from the tip's
+    direction (and from the other tip's, if it links to a tip) and ``sample(a, b)``, the
+    mean probability along the straight line between the two (voxel coordinates), is at
+    least ``min_mean``. ``allowed(t, j)`` can restrict candidate pairs further. Records
+    are ``(z, y, x, length_um, mean)`` with the bridge's midpoint in voxels.
+    """
     n = pos.shape[0]
     if distance <= 0 or n < 2:
         return edges, []
@@ -517,7 +666,7 @@ def _bridge(prob: np.ndarray, fg: np.ndarray, pos: np.ndarray, voxel: np.ndarray
             c = int(root[c])
         return c
 
-    tips = [i for i in range(n) if len(adj[i]) == 1 and not soma[i]]
+    tips = [i for i in range(n) if len(adj[i]) == 1 and not fixed[i]]
     direction = {t: _tip_direction(pos_um, adj, t) for t in tips}
     cos_max = math.cos(math.radians(angle))
     tree = cKDTree(pos_um)
@@ -528,7 +677,7 @@ def _bridge(prob: np.ndarray, fg: np.ndarray, pos: np.ndarray, voxel: np.ndarray
             continue
         best = None
         for j in sorted(tree.query_ball_point(pos_um[t], distance)):
-            if find(int(comp[j])) == find(int(comp[t])):
+            if find(int(comp[j])) == find(int(comp[t])) or (allowed is not None and not allowed(t, j)):
                 continue
             v = pos_um[j] - pos_um[t]
             length = float(np.linalg.norm(v))
@@ -537,7 +686,7 @@ def _bridge(prob: np.ndarray, fg: np.ndarray, pos: np.ndarray, voxel: np.ndarray
             dj = direction.get(j)
             if dj is not None and float(-v @ dj) / length < cos_max:
                 continue  # linking two tips: both must point at each other
-            mean = _sample_line(prob, fg, pos[t], pos[j])
+            mean = sample(pos[t], pos[j])
             if mean < min_mean:
                 continue
             if best is None or length < best[1]:
@@ -578,6 +727,92 @@ def _component_lengths(pos_um: np.ndarray, edges: np.ndarray) -> tuple[np.ndarra
 # --------------------------------------------------------------------------- entry point
 
 
+def _face_ports(fg: np.ndarray, voxel: np.ndarray, faces: Sequence[bool], soma_centres: np.ndarray,
+                soma_radii: np.ndarray) -> tuple[list[int], list[list[int]]]:  # fmt: skip
+    """Ports on the block's shared faces: flat indices into ``fg``.
+
+    Each 8-connected foreground region of a face plane gets one port: the maximum of the
+    region's 2D distance transform, ties going to the first voxel in raster order of the
+    plane. Two blocks sharing the plane see the same voxels, so they pick the same port.
+    A region that cuts a soma (``soma_centres`` in voxels of ``fg``, radii in um) gets no
+    port: its voxels are returned per soma instead, so the soma's centre joins the blocks.
+    """
+    ports: list[int] = []
+    at_soma: list[list[int]] = [[] for _ in range(len(soma_centres))]
+    for k, shared in enumerate(faces):
+        axis, high_side = divmod(k, 2)
+        if not shared:
+            continue
+        index = fg.shape[axis] - 1 if high_side else 0
+        plane = np.take(fg, index, axis=axis)
+        labels, n = ndimage.label(plane, structure=np.ones((3, 3), bool))
+        if n == 0:
+            continue
+        depth = ndimage.distance_transform_edt(plane, sampling=np.delete(voxel, axis))
+        tops = _label_argmax(labels.ravel(), depth.ravel(), n)
+        coords = list(np.unravel_index(tops, plane.shape))
+        coords.insert(axis, np.full(n, index))
+        flat = np.ravel_multi_index(tuple(coords), fg.shape)
+        soma_of = np.full(n + 1, -1)
+        for i, (centre, radius) in enumerate(zip(soma_centres, soma_radii, strict=True)):
+            # Regions of the plane within the soma's radius of its centre belong to it.
+            d = np.abs(centre[axis] - index) * voxel[axis]
+            if d > radius:
+                continue
+            pz, py = np.delete(centre, axis)
+            sy, sx = np.delete(voxel, axis)
+            yy, xx = np.ogrid[:plane.shape[0], :plane.shape[1]]
+            near = ((yy - pz) * sy) ** 2 + ((xx - py) * sx) ** 2 <= radius**2 - d**2
+            soma_of[np.unique(labels[near & plane])] = i
+        for lab in range(1, n + 1):
+            if soma_of[lab] < 0:
+                ports.append(int(flat[lab - 1]))
+            else:
+                where = list(np.nonzero(labels == lab))
+                where.insert(axis, np.full(where[0].size, index))
+                at_soma[soma_of[lab]].extend(np.ravel_multi_index(tuple(where), fg.shape).tolist())
+    return ports, at_soma
+
+
+def _somata(dt: np.ndarray, voxel: np.ndarray, soma_radius: float) -> list[int]:
+    """Soma centres (flat indices into ``dt``), deepest first.
+
+    A soma is a compact deep core (the region deeper than ``soma_radius``, reaching no
+    further than its own depth from its deepest voxel); a thick neurite's core is long and
+    thin. Blocks look for somata in their whole read region, so a soma cut by a block face
+    is found whole, by every block that sees it.
+    """
+    deep, _ = ndimage.label(dt > soma_radius, structure=_STRUCTURE26)
+    found = []
+    for lab, sl in enumerate(ndimage.find_objects(deep), start=1):
+        depth = dt[sl] * (deep[sl] == lab)
+        top = np.asarray(np.unravel_index(int(np.argmax(depth)), depth.shape)) + [s.start for s in sl]
+        core = np.argwhere(depth > max(soma_radius, 0.6 * depth.max())) + [s.start for s in sl]
+        extent = np.sqrt((((core - top) * voxel) ** 2).sum(axis=1)).max()
+        if extent <= dt[tuple(top)]:
+            found.append(int(np.ravel_multi_index(tuple(top), dt.shape)))
+    return sorted(found, key=lambda v: (-dt.flat[v], v))  # deterministic
+
+
+def _join_contacts(seed_of: np.ndarray, contacts: np.ndarray) -> np.ndarray:
+    """Edges joining the trees of one component where their fronts met (a spanning forest)."""
+    root = {int(s): int(s) for s in np.unique(seed_of)}
+
+    def find(c: int) -> int:
+        while root[c] != c:
+            root[c] = root[root[c]]
+            c = root[c]
+        return c
+
+    joins = []
+    for a, b in contacts.tolist():
+        ra, rb = find(int(seed_of[a])), find(int(seed_of[b]))
+        if ra != rb:
+            root[ra] = rb
+            joins.append((a, b))
+    return np.asarray(joins, np.int64).reshape(-1, 2)
+
+
 def trace_block(
     prob: npt.ArrayLike,
     *,
@@ -586,6 +821,8 @@ def trace_block(
     low: float = 64,
     seeds: npt.ArrayLike | None = None,
     origin: Sequence[int] = (0, 0, 0),
+    inner: Sequence[slice] | None = None,
+    port_faces: Sequence[bool] = (False,) * 6,
     soma_radius: float = 2.5,
     scoop: float = 1.0,
     spur_factor: float = 1.0,
@@ -601,16 +838,24 @@ def trace_block(
     ----------
     prob : (z, y, x) array
         Probability scaled to 0-255 (uint8 maps as written by ``predict``; for a raw
-        image use :func:`raw_to_probability` first).
+        image use :func:`raw_to_probability` first): the block's read region.
     voxel_size : (z, y, x)
         Voxel size in um.
     high, low : float
         Hysteresis thresholds on ``prob``.
     seeds : (k, 3) array_like of int, optional
-        Seed voxels ``z, y, x`` (block coordinates); traced after somata, before the rest.
-        Seeds outside the foreground are ignored.
+        Seed voxels ``z, y, x`` (coordinates of ``prob``); traced after somata, before the
+        rest. Seeds outside the foreground or outside ``inner`` are ignored.
     origin : (z, y, x)
-        Block offset added to the output positions (global coordinates).
+        Global position of ``prob[0, 0, 0]``, added to the output positions.
+    inner : three slices, optional
+        The part of ``prob`` this block traces (default: all of it). The rest is context:
+        hysteresis, the distance transform and soma detection see it, so neighbouring
+        blocks agree on the voxels they share.
+    port_faces : six bools
+        Faces of ``inner`` shared with a neighbouring block, in the order z-low, z-high,
+        y-low, y-high, x-low, x-high. Each foreground region on a shared face gets a port
+        (see :func:`_face_ports`): a seed and a node both neighbours place on the same voxel.
     soma_radius : float
         Distance-transform depth (um) above which a maximum is a soma.
     scoop : float
@@ -618,7 +863,7 @@ def trace_block(
     spur_factor : float
         Terminal branches shorter than this many local diameters are pruned (0: keep).
     min_length : float
-        Fragments with less cable (um) and no soma are dropped.
+        Fragments with less cable (um), no soma and no port are dropped.
     smooth : bool
         3-node moving average of node positions along paths.
     bridge_distance : float
@@ -639,90 +884,136 @@ def trace_block(
     >>> f = trace_block(prob, voxel_size=(1, 1, 1))
     >>> f.n_nodes >= 1, bool(f.soma.any())
     (True, False)
+
+    A tube cut by a shared face at x = 15 ends in a port on that face:
+
+    >>> prob = np.zeros((9, 9, 16), np.uint8); prob[3:6, 3:6, 2:] = 200
+    >>> f = trace_block(prob, port_faces=(False,) * 5 + (True,))
+    >>> f.positions[f.port].tolist()
+    [[4.0, 4.0, 15.0]]
     """
     prob = np.asarray(prob)
     if prob.ndim != 3:
         raise ValueError(f"prob must be 3-D, got shape {prob.shape}")
     voxel = np.asarray(voxel_size, np.float64)
-    fg = hysteresis(prob, high, low)
+    inner = tuple(slice(*s.indices(n)[:2]) for s, n in zip(inner, prob.shape, strict=True)) if inner is not None \
+        else tuple(slice(0, n) for n in prob.shape)  # fmt: skip
+    corner = np.array([s.start for s in inner])
+    active_all = hysteresis(prob, high, low)
+    fg_all = active_all
+    if any(port_faces):
+        # Hysteresis is global: a dim stretch may reach its bright seed through another
+        # block. So the components of ``prob >= low`` that touch a shared face are traced
+        # too, marked inactive; the stitch drops joined neurons with no active node.
+        low_labels, _ = ndimage.label(prob >= low, structure=_STRUCTURE26)
+        faces = [np.take(low_labels[inner], (inner[k // 2].stop - inner[k // 2].start - 1) if k % 2 else 0,
+                         axis=k // 2) for k, shared in enumerate(port_faces) if shared]  # fmt: skip
+        pending = np.unique(np.concatenate([f.ravel() for f in faces]))
+        fg_all = active_all | np.isin(low_labels, pending[pending > 0])
     empty = Fragments(np.zeros((0, 3)), np.zeros(0), np.zeros(0), np.zeros((0, 2), np.int64), np.zeros(0, bool),
                       np.zeros(0, bool), voxel_size=tuple(voxel))  # fmt: skip
-    if not fg.any():
+    if not fg_all[inner].any():
         return empty
-    dt = ndimage.distance_transform_edt(fg, sampling=voxel)
-    # Seeds: somata (deepest voxel of each region deeper than soma_radius), given, then the rest.
-    seed_list = []
-    deep, n_deep = ndimage.label(dt > soma_radius, structure=_STRUCTURE26)
-    soma_seeds = []
-    if n_deep:
-        # A soma is a compact deep core; a thick neurite's core is long and thin.
-        for lab, sl in enumerate(ndimage.find_objects(deep), start=1):
-            depth = dt[sl] * (deep[sl] == lab)
-            core = np.argwhere(depth > max(soma_radius, 0.6 * depth.max())) + [s.start for s in sl]
-            top = np.unravel_index(int(np.argmax(depth)), depth.shape)
-            top = np.asarray(top) + [s.start for s in sl]
-            extent = np.sqrt((((core - top) * voxel) ** 2).sum(axis=1)).max()
-            if extent <= dt[tuple(top)]:
-                soma_seeds.append(int(np.ravel_multi_index(tuple(top), fg.shape)))
-        soma_seeds.sort(key=lambda v: (-dt.flat[v], v))  # deepest first: deterministic
-    seed_list.extend(soma_seeds)
+    dt_all = ndimage.distance_transform_edt(fg_all, sampling=voxel)
+    somata = np.array([np.unravel_index(v, prob.shape) for v in _somata(dt_all, voxel, soma_radius)],
+                      np.int64).reshape(-1, 3) - corner  # fmt: skip
+    soma_depth = dt_all[tuple((somata + corner).T)]
+    prob_all, prob, active, fg = prob, prob[inner], active_all[inner], fg_all[inner]
+    fg, dt = np.ascontiguousarray(fg), np.ascontiguousarray(dt_all[inner])
+    owned = np.all((somata >= 0) & (somata < np.asarray(fg.shape)), axis=1)
+    ports, at_soma = _face_ports(fg, voxel, port_faces, somata, soma_depth)
+    # Seeds, in order: the block's somata, the somata of other blocks cut by a shared face
+    # (their face voxels, hung from the soma's centre), ports, the given seeds, then one
+    # per foreground component not reached yet (its deepest voxel).
+    seed_pos, seed_radius, seed_vox, kinds = [], [], [], []
+    for centre, depth, is_owned, faces_vox in zip(somata, soma_depth, owned, at_soma, strict=True):
+        if is_owned or faces_vox:
+            seed_pos.append(centre)
+            seed_radius.append(depth)
+            seed_vox.append([int(np.ravel_multi_index(tuple(centre), fg.shape))] if is_owned else faces_vox)
+            kinds.append("soma" if is_owned else "soma port")
+    singles = list(ports)
     if seeds is not None:
-        s = np.asarray(seeds, np.float64).reshape(-1, 3)
-        s = np.rint(s).astype(np.int64)
+        s = np.rint(np.asarray(seeds, np.float64).reshape(-1, 3)).astype(np.int64) - corner
         inside = np.all((s >= 0) & (s < np.asarray(fg.shape)), axis=1)
-        seed_list.extend(np.ravel_multi_index(tuple(s[inside].T), fg.shape).tolist())
+        singles.extend(np.ravel_multi_index(tuple(s[inside].T), fg.shape).tolist())
     labels, n_lab = ndimage.label(fg, structure=_STRUCTURE26)
     # All seeds grow at once, so components already seeded get no extra seed.
-    seeded = set(labels.flat[np.asarray(seed_list, np.int64)].tolist()) if seed_list else set()
+    taken = [v for vox in seed_vox for v in vox] + singles
+    seeded = set(labels.flat[np.asarray(taken, np.int64)].tolist()) if taken else set()
     if n_lab:
         tops = _label_argmax(labels.ravel(), dt.ravel(), n_lab)
-        seed_list.extend(int(tops[i - 1]) for i in range(1, n_lab + 1) if i not in seeded)
-    seed_arr = np.asarray(seed_list, np.int64)
-    pos, parent, radius, seed_of = _scoop(fg.ravel(), dt.ravel(), seed_arr, np.asarray(fg.shape, np.int64),
-                                          voxel, float(scoop))  # fmt: skip
+        singles.extend(int(tops[i - 1]) for i in range(1, n_lab + 1) if i not in seeded)
+    for v in singles:
+        seed_pos.append(np.unravel_index(v, fg.shape))
+        seed_radius.append(dt.flat[v])
+        seed_vox.append([v])
+    ptr = np.cumsum([0] + [len(v) for v in seed_vox])
+    flat_vox = np.asarray([v for vox in seed_vox for v in vox], np.int64)
+    pos, parent, radius, seed_of, contacts, seed_node = _scoop(
+        fg.ravel(), dt.ravel(), np.asarray(seed_pos, np.float64).reshape(-1, 3), np.asarray(seed_radius, np.float64),
+        ptr.astype(np.int64), flat_vox, np.asarray(fg.shape, np.int64), voxel, float(scoop))  # fmt: skip
     n = pos.shape[0]
-    soma_set = set(int(v) for v in soma_seeds)
-    flat_pos = np.ravel_multi_index(tuple(np.rint(pos).astype(np.int64).T), fg.shape)
-    soma = (parent < 0) & np.isin(flat_pos, list(soma_set)) if soma_set else np.zeros(n, bool)
+    kind = np.asarray(kinds + ["port"] * len(ports) + ["other"] * (len(seed_pos) - len(kinds) - len(ports)))
+    made = seed_node >= 0
+    soma, port = np.zeros(n, bool), np.zeros(n, bool)
+    soma[seed_node[made & np.isin(kind, ["soma", "soma port"])]] = True
+    port[seed_node[made & np.isin(kind, ["port", "soma port"])]] = True  # joined by position in the stitch
     child = np.flatnonzero(parent >= 0)
     edges = np.stack([child, parent[child]], axis=1).astype(np.int64).reshape(-1, 2)
+    # Fronts of one component that met (soma, ports, seeds) are joined where they touched.
+    edges = np.concatenate([edges, _join_contacts(seed_of, contacts)])
     # Radii: DT depth of the deepest voxel of the cluster, less half a voxel (voxel centres
     # just outside the surface are what the transform measures to).
     radius = np.maximum(radius - 0.5 * voxel.min(), 0.5 * voxel.min())
 
-    keep = _prune_spurs(pos * voxel, radius, edges, soma, spur_factor)
-    new, edges = _renumber(keep, edges)
-    pos, radius, soma = pos[keep], radius[keep], soma[keep]
-    edges, records = _bridge(prob, fg, pos, voxel, edges, soma, bridge_distance, bridge_angle, bridge_min_mean)
-    # Drop short fragments without a soma (noise specks, lone seeds).
-    comp, lengths = _component_lengths(pos * voxel, edges)
-    has_soma = np.bincount(comp, weights=soma, minlength=lengths.size) > 0
-    keep = (lengths >= min_length)[comp] | has_soma[comp]
+    # A tree is active when its seed voxel is (all of a tree lies in one component).
+    seed_first = flat_vox[ptr[:-1]]
+    tree_active = np.zeros(n, bool)
+    tree_active[seed_node[seed_node >= 0]] = active.ravel()[seed_first[seed_node >= 0]]
+    is_active = tree_active[seed_of]
+    # Trees of one component joined where they met share the activity of the component.
+    graph = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(n, n))
+    _, comp = connected_components(graph, directed=False)
+    is_active = (np.bincount(comp, weights=is_active, minlength=comp.max() + 1) > 0)[comp] if n else is_active
+    held = soma | port  # never pruned, bridged from, or moved: they anchor trees and joins
+    keep = _prune_spurs(pos * voxel, radius, edges, held, spur_factor)
     _, edges = _renumber(keep, edges)
-    pos, radius, soma = pos[keep], radius[keep], soma[keep]
+    pos, radius, soma, port, held, is_active = pos[keep], radius[keep], soma[keep], port[keep], held[keep], is_active[keep]
+
+    def sample(a: np.ndarray, b: np.ndarray) -> float:
+        idx = tuple(line_voxels(a, b, prob.shape).T)
+        return gap_mean(prob[idx], ~fg[idx])
+
+    edges, records = bridge_tips(pos, voxel, edges, held, sample, distance=bridge_distance, angle=bridge_angle,
+                                 min_mean=bridge_min_mean)  # fmt: skip
+    # Drop short fragments without a soma or port (noise specks, lone seeds).
+    comp, lengths = _component_lengths(pos * voxel, edges)
+    anchored = np.bincount(comp, weights=held, minlength=lengths.size) > 0
+    keep = (lengths >= min_length)[comp] | anchored[comp]
+    _, edges = _renumber(keep, edges)
+    pos, radius, soma, port, held, is_active = pos[keep], radius[keep], soma[keep], port[keep], held[keep], is_active[keep]
     if smooth and pos.shape[0]:
-        pos = _smooth(pos, edges, soma)
-    # Confidence: mean probability of the 3x3x3 voxels around each node (clipped at faces).
-    idx = np.clip(np.rint(pos).astype(np.int64), 0, np.asarray(prob.shape) - 1)
+        pos = _smooth(pos, edges, held)
+    # Confidence: mean probability of the 3x3x3 voxels around each node (clipped at faces;
+    # a soma port's node lies outside ``inner``, inside the read region).
+    idx = np.clip(np.rint(pos + corner).astype(np.int64), 0, np.asarray(prob_all.shape) - 1)
     around = np.zeros(pos.shape[0])
     for off in _OFFSETS.tolist() + [[0, 0, 0]]:
-        q = np.clip(idx + off, 0, np.asarray(prob.shape) - 1)
-        around += prob[q[:, 0], q[:, 1], q[:, 2]]
+        q = np.clip(idx + off, 0, np.asarray(prob_all.shape) - 1)
+        around += prob_all[q[:, 0], q[:, 1], q[:, 2]]
     confidence = around / 27 / 255.0
     on_face = np.any((pos < 1.0) | (pos > np.asarray(prob.shape) - 2.0), axis=1)
     bridges = np.array(records, BRIDGE_DTYPE) if records else np.zeros(0, BRIDGE_DTYPE)
-    off = np.asarray(origin, np.float64)
+    off = np.asarray(origin, np.float64) + corner
     if bridges.size:
         for k, name in enumerate("zyx"):
             bridges[name] += off[k]
-    return Fragments(pos + off, radius, confidence, edges, on_face, soma, bridges, voxel_size=tuple(float(v) for v in voxel))
+    return Fragments(pos + off, radius, confidence, edges, on_face, soma, bridges, active=is_active,
+                     voxel_size=tuple(float(v) for v in voxel), port=port)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- files (the CLI's edge)
-
-#: Largest volume :func:`trace_image` traces as one block (the stitching issue lifts it).
-MAX_BLOCK_VOXELS = 2**28
-
 
 def read_seeds(path: str | Path) -> np.ndarray:
     """Seed voxels ``z, y, x`` from a CSV file (header line optional), as an (k, 3) array.
@@ -754,88 +1045,280 @@ def read_seeds(path: str | Path) -> np.ndarray:
     return np.asarray(rows, np.float64).reshape(-1, 3)
 
 
+#: Volumes up to this many voxels are traced as one block unless ``trace.block`` says otherwise.
+SINGLE_BLOCK_VOXELS = 2**27
+#: Block shape for larger volumes.
+DEFAULT_BLOCK = (256, 256, 256)
+_STATE = "trace.json"
+
+
 @dataclass(frozen=True)
 class TraceResult:
-    """What :func:`trace_image` wrote."""
+    """What :func:`trace_volume` wrote."""
 
     out: Path
-    n_trees: int
-    n_nodes: int
+    shape: tuple[int, int, int]
+    neurons: int
+    somata: int
+    nodes: int
     cable_um: float
-    n_bridges: int
+    review: int
+    blocks: int
+    empty: int
+    resumed: int
     seconds: float
 
+    @property
+    def voxels_per_second(self) -> float:
+        return math.prod(self.shape) / self.seconds if self.seconds > 0 else float("nan")
+
     def summary(self) -> str:
-        """One line for the CLI."""
-        return (f"{self.out}: {self.n_trees} tree(s), {self.n_nodes} nodes, {self.cable_um:.1f} um of cable, "
-                f"{self.n_bridges} bridged gap(s) in review.csv ({self.seconds:.1f} s)")  # fmt: skip
+        """A few lines for the terminal."""
+        return (f"wrote {self.out}: {self.neurons} neuron(s) ({self.somata} with a soma), {self.nodes} nodes, "
+                f"{self.cable_um:.1f} um of cable; {self.review} place(s) to check in review.csv\n"
+                f"  {self.blocks} block(s): {self.empty} empty, {self.resumed} done before; {self.seconds:.1f} s "
+                f"({self.voxels_per_second / 1e6:.2f} Mvoxel/s)")  # fmt: skip
 
 
-def trace_image(
+def block_faces(block: Block, shape: Sequence[int]) -> tuple[tuple[slice, slice, slice], tuple[bool, ...]]:
+    """The region a block traces (its write region plus the one-voxel overlap) and its shared faces.
+
+    Blocks overlap by one voxel: each extends one voxel past its high faces, so every
+    inner face plane is traced by both neighbours, who place the same ports on it.
+
+    Examples
+    --------
+    >>> from neurotrace_dask.blocks import BlockGrid
+    >>> region, faces = block_faces(BlockGrid((10, 10, 10), 5)[1], (10, 10, 10))
+    >>> region[2], faces
+    (slice(5, 10, None), (False, True, False, True, True, False))
+    """
+    region = tuple(slice(w.start, min(w.stop + 1, n)) for w, n in zip(block.write, shape, strict=True))
+    faces = tuple(flag for w, n in zip(block.write, shape, strict=True) for flag in (w.start > 0, w.stop < n))
+    return region, faces  # type: ignore[return-value]
+
+
+def _stored_any(array: zarr.Array, region: Sequence[slice]) -> bool:
+    """Whether any storage object (chunk or shard) under ``region`` exists: empty ones are never written."""
+    from zarr.core.sync import sync
+
+    unit = getattr(array, "shards", None) or array.chunks
+    ranges = [range(s.start // u, -(-s.stop // u)) for s, u in zip(region, unit, strict=True)]
+    store, prefix = array.store_path.store, array.store_path.path
+    for coords in itertools.product(*ranges):
+        key = array.metadata.encode_chunk_key(coords)
+        if sync(store.exists(f"{prefix}/{key}" if prefix else key)):
+            return True
+    return False
+
+
+def trace_grid_block(prob: np.ndarray, block: Block, shape: Sequence[int], *, voxel_size: Sequence[float],
+                     config: TraceConfig | None = None, seeds: np.ndarray | None = None) -> Fragments:  # fmt: skip
+    """Trace one block of a :class:`~neurotrace_dask.blocks.BlockGrid` (ports on its shared faces).
+
+    ``prob`` is the block's read region of a volume of ``shape``; ``seeds`` are global
+    voxels. The records of all blocks join with :func:`neurotrace_dask.stitch.join_fragments`.
+
+    Examples
+    --------
+    >>> from neurotrace_dask.blocks import BlockGrid
+    >>> from neurotrace_dask.stitch import join_fragments
+    >>> prob = np.zeros((9, 9, 40), np.uint8); prob[3:6, 3:6, 4:36] = 200
+    >>> grid = BlockGrid(prob.shape, (9, 9, 16), halo=4)
+    >>> records = [trace_grid_block(prob[b.read], b, prob.shape, voxel_size=(1, 1, 1)) for b in grid]
+    >>> len(records), join_fragments(records).fragments.to_swc().n_trees
+    (3, 1)
+    """
+    config = config or TraceConfig()
+    region, faces = block_faces(block, shape)
+    start = np.array([r.start for r in block.read])
+    inner = tuple(slice(g.start - o, g.stop - o) for g, o in zip(region, start, strict=True))
+    return trace_block(prob, voxel_size=voxel_size, high=config.high, low=config.low, origin=start, inner=inner,
+                       port_faces=faces, seeds=None if seeds is None else np.asarray(seeds) - start,
+                       soma_radius=config.soma_radius, scoop=config.scoop, spur_factor=config.spur_factor,
+                       min_length=config.min_length, smooth=config.smooth, bridge_distance=config.bridge_distance,
+                       bridge_angle=config.bridge_angle, bridge_min_mean=config.bridge_min_mean)  # fmt: skip
+
+
+def _trace_task(block: Block, *, image: str, folder: str, shape: tuple[int, int, int], voxel: Float3, raw: bool,
+                noise: tuple[float, float] | None, seeds: np.ndarray | None, config: TraceConfig,
+                markers: DoneMarkers) -> bool:  # fmt: skip
+    """Trace one block and write its record; whether it held foreground."""
+    from .io.omezarr import open_image
+
+    array = open_image(image)[0][0]
+    frags = None
+    if raw or _stored_any(array, block.read):
+        data = np.asarray(array[block.read])
+        prob = raw_to_probability(data, voxel_size=voxel, high=config.high, low=config.low, k_high=config.k_high,
+                                  k_low=config.k_low, background_sigma=config.background_sigma, noise=noise) \
+            if raw else data  # fmt: skip
+        frags = trace_grid_block(prob, block, shape, voxel_size=voxel, config=config, seeds=seeds)
+        if frags.n_nodes:
+            frags.save(Path(folder) / f"{block.id:08d}.npz")
+    markers.mark_done(block)
+    return frags is not None and frags.n_nodes > 0
+
+
+def _line_sampler(array: zarr.Array, raw: bool, noise: tuple[float, float] | None, voxel: np.ndarray,
+                  config: TraceConfig) -> Callable[[np.ndarray, np.ndarray], float]:  # fmt: skip
+    """Mean probability along a gap between two voxel positions, read from the store (a few voxels)."""
+    shape = np.asarray(array.shape)
+    margin = np.ceil(3 * config.background_sigma / voxel).astype(int) + 2
+
+    def sample(a: np.ndarray, b: np.ndarray) -> float:
+        idx = line_voxels(a, b, shape)
+        if not raw:
+            values = np.asarray(array.get_coordinate_selection(tuple(idx.T)))
+            return gap_mean(values, values < config.low)
+        lo, hi = np.maximum(idx.min(axis=0) - margin, 0), np.minimum(idx.max(axis=0) + margin + 1, shape)
+        box = raw_to_probability(np.asarray(array[tuple(slice(x, y) for x, y in zip(lo, hi, strict=True))]),
+                                 voxel_size=voxel, high=config.high, low=config.low, k_high=config.k_high,
+                                 k_low=config.k_low, background_sigma=config.background_sigma, noise=noise)  # fmt: skip
+        values = box[tuple((idx - lo).T)]
+        return gap_mean(values, values < config.low)
+
+    return sample
+
+
+def _read_state(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / _STATE).read_text(encoding="utf-8"))["neurotrace"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _write_state(folder: Path, state: dict) -> None:
+    tmp = folder / (_STATE + ".tmp")
+    tmp.write_text(json.dumps({"neurotrace": state}, indent=1, default=str), encoding="utf-8")
+    tmp.replace(folder / _STATE)
+
+
+def trace_volume(
     image: str | Path,
     out: str | Path,
     config: TraceConfig | None = None,
     *,
     raw: bool = False,
     seeds: str | Path | None = None,
+    cluster: ClusterConfig | None = None,
+    client: Client | None = None,
 ) -> TraceResult:
-    """Trace a one-block OME-Zarr (level 0) and write ``OUT/neurons/NNNN.swc``, ``neurons.swc``, ``review.csv``.
+    """Trace a whole OME-Zarr volume by blocks on Dask and stitch the neurons (resumable).
 
-    ``raw`` marks a raw fluorescence image (scaled by :func:`raw_to_probability`);
-    otherwise the input is a 0-255 probability map. ``seeds`` is a CSV of ``z,y,x``
-    voxels grown first. An existing ``out`` is refused unless ``config.overwrite``.
+    Each block (``config.block``, plus ``config.halo`` voxels of context) is traced by
+    :func:`trace_block` with ports on its shared faces; its record goes to
+    ``OUT/fragments/NNNNNNNN.npz`` and a done marker is set. Then
+    :func:`neurotrace_dask.stitch.join_fragments` joins the records and
+    :func:`neurotrace_dask.stitch.write_neurons` writes ``neurons/NNNN.swc``,
+    ``neurons.csv``, ``neurons.swc`` and ``review.csv``. Work happens in ``OUT.partial``,
+    renamed to ``OUT`` when finished: a rerun after an interruption resumes there (skipping
+    done blocks) when input and parameters are unchanged, and refuses otherwise unless
+    ``config.overwrite``.
+
+    Parameters
+    ----------
+    image : path
+        OME-Zarr (level 0): a uint8 probability map (0-255) from ``predict``, or with
+        ``raw`` a raw fluorescence image (scaled by :func:`raw_to_probability` with one
+        noise scale measured on a sample of blocks).
+    out : path
+        Output folder.
+    config : TraceConfig
+    raw : bool
+    seeds : path, optional
+        CSV of global ``z,y,x`` seed voxels grown first.
+    cluster, client
+        Where to run: an open ``client`` (left open), else a cluster made from
+        ``cluster``. A volume of one block is traced in this process.
+
+    Examples
+    --------
+    >>> trace_volume("prob.ome.zarr", "traced", TraceConfig(block=(128, 256, 256))).summary()  # doctest: +SKIP
     """
-    import shutil
-    import time
-
     from .io.omezarr import open_image
-    from .io.swc import write_swc
+    from .stitch import join_fragments, write_neurons
 
+    started = time.perf_counter()
     cfg = config or TraceConfig()
-    out = Path(out)
+    image, out = Path(image).resolve(), Path(out).resolve()
+    partial = out.with_name(out.name + ".partial")
+    for path in (out, partial):
+        if path == image or image in path.parents or path in image.parents:
+            raise OutputError(f"{path}: output and input {image} overlap; choose another output folder")
     if out.exists() and not cfg.overwrite:
-        raise OutputError(f"{out} exists; pass --overwrite to replace it")
+        raise OutputError(f"{out}: exists already; pass --overwrite to replace it")
+    if out.exists() and _read_state(out) is None:
+        raise OutputError(f"{out}: exists and was not written by neurotrace trace; refusing to replace it")
     arrays, voxel = open_image(image)
-    level0 = arrays[0]
-    shape = tuple(level0.shape[-3:])
-    if level0.ndim != 3:
-        raise InputError(f"{image}: expected a 3-D (z, y, x) image, got {level0.ndim} dimensions")
-    if int(np.prod(shape)) > MAX_BLOCK_VOXELS:
-        raise InputError(f"{image}: {shape} is larger than one block ({MAX_BLOCK_VOXELS} voxels); "
-                         "tracing by blocks comes with the stitching issue")  # fmt: skip
+    array = arrays[0]
+    if array.ndim != 3:
+        raise InputError(f"{image}: expected a 3-D (z, y, x) image, got {array.ndim} dimensions")
+    if not raw and array.dtype != np.uint8:
+        raise InputError(f"{image}: a probability map must be uint8 (0-255), got {array.dtype}; "
+                         "pass --raw for a raw image")  # fmt: skip
+    shape = tuple(int(n) for n in array.shape)
     seed_points = read_seeds(seeds) if seeds is not None else None
-    start = time.perf_counter()
-    data = np.asarray(level0[...])
-    if raw:
-        prob = raw_to_probability(data, voxel_size=voxel, high=cfg.high, low=cfg.low, k_high=cfg.k_high,
-                                  k_low=cfg.k_low, background_sigma=cfg.background_sigma)  # fmt: skip
-    else:
-        if data.dtype != np.uint8:
-            raise InputError(f"{image}: a probability map must be uint8 (0-255), got {data.dtype}; "
-                             "pass --raw for a raw image")  # fmt: skip
-        prob = data
-    frags = trace_block(prob, voxel_size=voxel, high=cfg.high, low=cfg.low, seeds=seed_points,
-                        soma_radius=cfg.soma_radius, scoop=cfg.scoop, spur_factor=cfg.spur_factor,
-                        min_length=cfg.min_length, smooth=cfg.smooth, bridge_distance=cfg.bridge_distance,
-                        bridge_angle=cfg.bridge_angle, bridge_min_mean=cfg.bridge_min_mean)  # fmt: skip
-    seconds = time.perf_counter() - start
-    if out.exists():
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    block_shape = cfg.block or (shape if math.prod(shape) <= SINGLE_BLOCK_VOXELS else DEFAULT_BLOCK)
+    unit = getattr(array, "shards", None) or array.chunks
+    grid = BlockGrid(shape, block_shape, halo=cfg.halo, align=unit if cfg.block or block_shape != shape else 1)
+    noise = None
+    if raw:  # one noise scale for every block, from up to 8 blocks spread over the volume
+        picks = np.unique(np.linspace(0, len(grid) - 1, min(8, len(grid))).round().astype(int))
+        residual = [_residual(np.asarray(array[grid[int(i)].read]), np.asarray(voxel), cfg.background_sigma).ravel()
+                    for i in picks]  # fmt: skip
+        residual = np.concatenate(residual)
+        med = float(np.median(residual))
+        noise = (med, float(np.median(np.abs(residual - med))) * 1.4826)
+    params = cfg.model_dump(mode="json", exclude={"overwrite"})
+    digest = layout_hash(grid, image=str(image), raw=raw, noise=noise, trace=params,
+                         seeds=None if seed_points is None else seed_points.tolist())  # fmt: skip
+    state = {"layout_hash": digest, "image": str(image), "raw": raw, "shape": shape, "voxel_size_um": voxel,
+             "block": grid.write_shape, "noise": noise, "trace": params, "seeds": str(seeds) if seeds else None,
+             "complete": False}  # fmt: skip
+    previous = _read_state(partial) if partial.exists() else None
+    if partial.exists() and previous is None:
+        raise OutputError(f"{partial}: exists and was not written by neurotrace trace; move it away first")
+    if previous is not None and previous.get("layout_hash") != digest:
+        if not cfg.overwrite:
+            raise OutputError(f"{partial}: an interrupted trace with other input or parameters is there; "
+                              "pass --overwrite to discard it")  # fmt: skip
+        shutil.rmtree(partial)
+        previous = None
+    fragments = partial / "fragments"
     try:
-        (out / "neurons").mkdir(parents=True)
-    except OSError as e:
-        raise OutputError(f"{out} cannot be created: {e.strerror or e}") from None
-    note = [f"traced from {image} by voxel scooping ({'raw' if raw else 'probability'} input)"]
-    n_trees = n_nodes = 0
-    cable = 0.0
-    if frags.n_nodes:
-        swc = frags.to_swc()
-        write_swc(out / "neurons.swc", swc, voxel_size_zyx=voxel, comments=note)
-        for i, tree in enumerate(swc.trees(), start=1):
-            write_swc(out / "neurons" / f"{i:04d}.swc", tree, voxel_size_zyx=voxel, comments=note)
-        n_trees, n_nodes, cable = swc.n_trees, swc.n_nodes, swc.cable_length(voxel)
-    b = frags.bridges
-    lines = ["z,y,x,length_um,mean_probability"]
-    lines += [f"{r['z']:.2f},{r['y']:.2f},{r['x']:.2f},{r['length_um']:.3f},{r['mean_probability']:.1f}" for r in b]
-    (out / "review.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return TraceResult(out, n_trees, n_nodes, cable, int(b.shape[0]), seconds)
+        fragments.mkdir(parents=True, exist_ok=True)
+        if previous is None:
+            _write_state(partial, state)
+        markers = DoneMarkers.open(partial / "done.zarr", grid, digest)
+        todo = markers.pending(grid)
+        kwargs = dict(image=str(image), folder=str(fragments), shape=shape, voxel=voxel, raw=raw, noise=noise,
+                      seeds=seed_points, config=cfg, markers=markers)  # fmt: skip
+        if len(grid) == 1 and client is None:
+            outcomes = [_trace_task(b, **kwargs) for b in todo]
+        else:
+            with open_client(cluster, client) as active:
+                outcomes = run_tasks(active, _trace_task, todo, total=len(todo), description="trace",
+                                     tasks_per_thread=(cluster or ClusterConfig()).tasks_per_thread, **kwargs)  # fmt: skip
+        records = (Fragments.load(p) for p in sorted(fragments.glob("*.npz")))
+        neurons = join_fragments(records, sample=_line_sampler(array, raw, noise, np.asarray(voxel), cfg),
+                                 low=cfg.low, spur_factor=cfg.spur_factor, min_length=cfg.min_length,
+                                 bridge_distance=cfg.bridge_distance, bridge_angle=cfg.bridge_angle,
+                                 bridge_min_mean=cfg.bridge_min_mean)  # fmt: skip
+        note = [f"traced from {image} by voxel scooping ({'raw' if raw else 'probability'} input), "
+                f"{len(grid)} block(s) stitched"]  # fmt: skip
+        rows = write_neurons(partial, neurons, comments=note)
+        shutil.rmtree(partial / "done.zarr", ignore_errors=True)
+        _write_state(partial, {**state, "complete": True})
+        if out.exists():
+            old = out.with_name(f"{out.name}.replaced-{uuid.uuid4().hex[:8]}")
+            out.rename(old)
+            partial.rename(out)
+            shutil.rmtree(old)
+        else:
+            partial.rename(out)
+    except PermissionError as exc:
+        raise OutputError(f"{exc.filename or out}: cannot write ({exc.strerror})") from None
+    return TraceResult(out, shape, len(rows), sum(bool(r["has_soma"]) for r in rows), neurons.fragments.n_nodes,
+                       float(sum(r["cable_um"] for r in rows)), len(neurons.review), len(grid),
+                       len(todo) - sum(outcomes), len(grid) - len(todo), time.perf_counter() - started)  # fmt: skip

@@ -167,15 +167,16 @@ def test_cli_trace(tmp_path):
     out = tmp_path / "traced"
     result = run("trace", str(image), "--out", str(out), "--raw", "--seeds", str(seeds))
     assert result.returncode == 0, result.stderr
-    assert "tree(s)" in result.stdout
-    assert (out / "neurons.swc").is_file() and (out / "review.csv").read_text().startswith("z,y,x,length_um")
+    assert "neuron(s)" in result.stdout
+    assert (out / "neurons.swc").is_file() and (out / "review.csv").read_text().startswith("rank,kind,neuron,z,y,x")
+    assert (out / "neurons.csv").read_text().startswith("id,has_soma,soma_z")
     trees = sorted((out / "neurons").glob("*.swc"))
     assert trees and trees[0].name == "0001.swc"
     assert sum(read_swc(t).n_trees for t in trees) == read_swc(out / "neurons.swc").n_trees
     assert "voxel" in (out / "neurons.swc").read_text().lower()
 
     again = run("trace", str(image), "--out", str(out), "--raw")
-    assert again.returncode == 2 and again.stderr.strip() == f"error: {out} exists; pass --overwrite to replace it"
+    assert again.returncode == 2 and again.stderr.strip() == f"error: {out}: exists already; pass --overwrite to replace it"
     assert run("trace", str(image), "--out", str(out), "--raw", "--overwrite").returncode == 0
     missing = run("trace", str(tmp_path / "nope.ome.zarr"), "--out", str(tmp_path / "o2"))
     assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1

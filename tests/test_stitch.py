@@ -1,0 +1,173 @@
+"""Tracing by blocks and stitching: blocking must not change the answer (DESIGN.md invariant 2)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from scipy import ndimage
+from scipy.spatial import cKDTree
+
+from neurotrace_dask.blocks import BlockGrid
+from neurotrace_dask.config import ClusterConfig, LocalClusterConfig, SynthConfig, TraceConfig
+from neurotrace_dask.errors import OutputError
+from neurotrace_dask.evaluate import evaluate
+from neurotrace_dask.io.omezarr import mark_complete, plan_layout, write_image_metadata
+from neurotrace_dask.io.swc import read_swc
+from neurotrace_dask.stitch import join_fragments
+from neurotrace_dask.synth import random_morphology, random_scene, render, render_to_zarr, scene_from_swc
+from neurotrace_dask.trace import Fragments, trace_block, trace_grid_block, trace_volume
+
+NEUROTRACE = str(Path(sys.executable).with_name("neurotrace"))
+VOXEL = (1.0, 0.5, 0.5)
+
+
+def probability(mask: np.ndarray) -> np.ndarray:
+    """A clean probability map from a label mask (the tests are about blocking, not signal)."""
+    return (ndimage.gaussian_filter((mask > 0).astype(np.float32), 1.0) * 255).round().astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def neuron():
+    morphology = random_morphology(3, extent=(30, 100, 100), radius=(0.6, 1.2))  # thick: whole arbor in the mask
+    scene = scene_from_swc(morphology, SynthConfig(voxel_size=VOXEL, seed=3))
+    _, mask = render(scene)
+    return scene, probability(mask)
+
+
+def by_blocks(prob: np.ndarray, block_shape, halo: int = 16, config: TraceConfig | None = None):
+    grid = BlockGrid(prob.shape, block_shape, halo=halo)
+    records = [trace_grid_block(prob[b.read], b, prob.shape, voxel_size=VOXEL, config=config) for b in grid]
+    return join_fragments(records).fragments, len(grid)
+
+
+def agreement(one: Fragments, blocked: Fragments) -> float:
+    """Length-F1 between two traces of the same data, matching within 2 um (two z voxels)."""
+    return evaluate(one.to_swc(), blocked.to_swc(), voxel_size_zyx=VOXEL, tau=2.0).to_dict()["length"]["f1"]
+
+
+def assert_no_duplicates(frags: Fragments) -> None:
+    """Ports and somata, placed by both blocks of a face, are one node each after the join."""
+    assert frags.port.any()
+    pairs = cKDTree(frags.positions * VOXEL).query_pairs(0.25, output_type="ndarray")
+    held = frags.port | frags.soma
+    assert not (held[pairs[:, 0]] | held[pairs[:, 1]]).any(), "a port or soma twice"
+
+
+def test_one_block_equals_trace_block(neuron):
+    _, prob = neuron
+    blocked, n = by_blocks(prob, prob.shape)
+    single = trace_block(prob, voxel_size=VOXEL)
+    assert n == 1
+    np.testing.assert_allclose(blocked.positions, single.positions)
+
+
+@pytest.mark.parametrize("parts", [(1, 2, 1), (2, 2, 2), (3, 3, 3)])
+def test_blocks_give_the_same_neuron(neuron, parts):
+    _, prob = neuron
+    one = join_fragments([trace_block(prob, voxel_size=VOXEL)]).fragments
+    blocked, n = by_blocks(prob, [-(-s // p) for s, p in zip(prob.shape, parts)])
+    assert n == np.prod(parts)
+    assert blocked.to_swc().n_trees == one.to_swc().n_trees == 1
+    assert blocked.soma.sum() == 1
+    assert_no_duplicates(blocked)
+    assert agreement(one, blocked) >= 0.99  # measured 1.000, 1.000, 0.997
+
+
+def test_soma_on_a_block_corner(neuron):
+    scene, prob = neuron
+    one = join_fragments([trace_block(prob, voxel_size=VOXEL)]).fragments
+    soma = np.rint(one.positions[one.soma][0]).astype(int)
+    # Blocks whose corner is the soma centre: it lies on three shared faces at once.
+    grid = BlockGrid(prob.shape, tuple(int(s) for s in soma), halo=16)
+    assert all(0 < s < n for s, n in zip(soma, prob.shape))
+    records = [trace_grid_block(prob[b.read], b, prob.shape, voxel_size=VOXEL) for b in grid]
+    blocked = join_fragments(records).fragments
+    assert blocked.to_swc().n_trees == 1 and blocked.soma.sum() == 1
+    assert_no_duplicates(blocked)
+    assert agreement(one, blocked) >= 0.97
+
+
+@settings(max_examples=6, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(bz=st.integers(20, 58), by=st.integers(48, 194), bx=st.integers(48, 210))
+def test_random_block_shapes(neuron, bz, by, bx):
+    _, prob = neuron
+    one = join_fragments([trace_block(prob, voxel_size=VOXEL)]).fragments
+    blocked, _ = by_blocks(prob, (bz, by, bx))
+    assert blocked.to_swc().n_trees == 1
+    # Small blocks (down to 20 x 24 x 24 um, 75 of them) cost more: 0.964 seen at 27 x 48 x 51.
+    assert agreement(one, blocked) >= 0.95
+
+
+def test_a_neurite_crossing_a_face_several_times():
+    # A wave along y that crosses the plane x = 40 five times.
+    prob = np.zeros((16, 120, 80), np.uint8)
+    zz, yy, xx = np.mgrid[:16, :120, :80]
+    for y in range(5, 115):
+        x = 40 + 12 * np.sin(y / 110 * 5 * np.pi)
+        prob[(zz - 8) ** 2 * 4 + (yy - y) ** 2 + (xx - x) ** 2 <= 6] = 220
+    one = join_fragments([trace_block(prob, voxel_size=VOXEL)]).fragments
+    blocked, n = by_blocks(prob, (16, 120, 40))
+    assert n == 2
+    assert blocked.to_swc().n_trees == 1
+    assert_no_duplicates(blocked)
+    assert agreement(one, blocked) >= 0.99
+
+
+def test_neurons_stay_separate_unless_they_touch():
+    scene = random_scene(3, (40, 200, 200), SynthConfig(voxel_size=VOXEL, seed=5))
+    _, mask = render(scene)
+    prob = probability(mask)
+    one = join_fragments([trace_block(prob, voxel_size=VOXEL)]).fragments
+    blocked, _ = by_blocks(prob, (40, 100, 100))
+    # The trees are the foreground's connected parts, whatever the blocking.
+    assert blocked.to_swc().n_trees == one.to_swc().n_trees
+    assert agreement(one, blocked) >= 0.98
+
+
+def test_trace_volume_on_a_local_cluster(tmp_path, neuron):
+    scene, prob = neuron
+    image = tmp_path / "prob.ome.zarr"
+    layout = plan_layout(prob.shape, np.uint8, VOXEL, levels=1, chunks=(16, 64, 64))
+    write_image_metadata(image, layout, name="p(neurite)")
+    zarr.open_array(image / "0", mode="r+")[...] = prob  # all-zero chunks are not stored
+    mark_complete(image)
+    cluster = ClusterConfig(local=LocalClusterConfig(n_workers=2, threads_per_worker=1, processes=True))
+    cfg = TraceConfig(block=(32, 64, 64))
+    result = trace_volume(image, tmp_path / "traced", cfg, cluster=cluster)
+    assert result.blocks == 2 * 4 * 4 and result.neurons == 1 and result.somata == 1
+    assert result.empty > 0  # chunks holding only zeros are never stored, so never read
+    swc = read_swc(tmp_path / "traced" / "neurons" / "0001.swc")
+    one = join_fragments([trace_block(prob, voxel_size=VOXEL)]).fragments.to_swc()
+    assert evaluate(one, swc, voxel_size_zyx=VOXEL, tau=2.0).to_dict()["length"]["f1"] >= 0.97
+    assert len(list((tmp_path / "traced" / "fragments").glob("*.npz"))) == result.blocks - result.empty
+    # Done blocks are skipped when an interrupted run resumes; other parameters are refused.
+    partial = tmp_path / "again.partial"
+    (tmp_path / "traced").rename(partial)
+    again = trace_volume(image, tmp_path / "again", cfg, cluster=cluster)
+    assert again.neurons == 1
+    assert read_swc(tmp_path / "again" / "neurons" / "0001.swc").n_nodes == swc.n_nodes
+    (tmp_path / "again").rename(partial)
+    with pytest.raises(OutputError, match="other input or parameters"):
+        trace_volume(image, tmp_path / "again", TraceConfig(block=(32, 64, 64), low=50), cluster=cluster)
+
+
+def test_cli_trace_by_blocks(tmp_path):
+    scene = scene_from_swc(random_morphology(1, extent=(20, 60, 60)), SynthConfig(voxel_size=VOXEL))
+    render_to_zarr(scene, tmp_path / "synth")
+    image = tmp_path / "synth" / "image.ome.zarr"
+    out = tmp_path / "traced"
+    run = subprocess.run([NEUROTRACE, "trace", str(image), "--out", str(out), "--raw", "--block", "32", "64", "64",
+                          "--workers", "2", "--threads", "1"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "block(s)" in run.stdout
+    rows = (out / "neurons.csv").read_text().splitlines()
+    assert rows[0].startswith("id,has_soma") and len(rows) >= 2
+    gold_f1 = evaluate(scene.gold, read_swc(out / "neurons.swc"), voxel_size_zyx=VOXEL, tau=2.0).to_dict()
+    assert gold_f1["length"]["f1"] >= 0.85
