@@ -9,9 +9,11 @@ How the join works
 1. **Port identity.** Neighbouring blocks overlap by one voxel and place a port node on the
    same integer voxel of their shared face without talking to each other, so nodes are
    merged by exact global integer position (ports, and somata, which every block seeing a
-   soma places on its centre). Nothing else is merged: the join is exact, not a
-   nearest-neighbour guess. Joined neurons without an *active* node (one whose foreground
-   reached the high threshold) are dropped: hysteresis across blocks.
+   soma places on its centre): an exact join, not a nearest-neighbour guess. The one
+   exception are *twins*: a neurite running inside a shared face plane is traced by both
+   blocks, a voxel apart, so nodes near a face from different blocks closer than one voxel
+   are merged too. Joined neurons without an *active* node (one whose foreground reached
+   the high threshold) are dropped: hysteresis across blocks.
 2. **Cycles are broken** by keeping the maximum spanning forest of edge confidence (the
    lower confidence of its two nodes); each dropped edge is listed for review.
 3. **Gaps across block faces are bridged** like tips inside a block
@@ -77,15 +79,32 @@ class Neurons:
     review: list[dict[str, float | str]] = field(default_factory=list)
 
 
-def _merge_identical(positions: np.ndarray, held: np.ndarray) -> np.ndarray:
-    """Representative row of every node: held nodes on the same integer voxel share one."""
-    rep = np.arange(positions.shape[0])
+def _merge_groups(positions: np.ndarray, held: np.ndarray, on_face: np.ndarray, block: np.ndarray,
+                  voxel: np.ndarray) -> np.ndarray:  # fmt: skip
+    """Representative row of every node after the join.
+
+    Held nodes (ports, somata) on the same integer voxel are one node. So are *twins*: nodes
+    near a block face, from different blocks, less than one voxel (the largest voxel edge)
+    apart -- both blocks trace a neurite that runs inside their shared face plane, each a
+    little to its own side.
+    """
+    n = positions.shape[0]
+    pairs = [np.zeros((0, 2), np.int64)]
     rows = np.flatnonzero(held)
     if rows.size:
-        keys = np.rint(positions[rows]).astype(np.int64)
-        _, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
-        rep[rows] = rows[first[inverse.ravel()]]
-    return rep
+        _, first, inverse = np.unique(np.rint(positions[rows]).astype(np.int64), axis=0, return_index=True,
+                                      return_inverse=True)  # fmt: skip
+        pairs.append(np.stack([rows, rows[first[inverse.ravel()]]], axis=1))
+    rows = np.flatnonzero(on_face)
+    if rows.size > 1:
+        close = cKDTree(positions[rows] * voxel).query_pairs(float(voxel.max()), output_type="ndarray")
+        close = rows[close]
+        pairs.append(close[block[close[:, 0]] != block[close[:, 1]]])
+    pairs = np.concatenate(pairs)
+    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    _, first = np.unique(labels, return_index=True)
+    return first[labels]
 
 
 def _break_cycles(n: int, edges: np.ndarray, confidence: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -156,12 +175,12 @@ def join_fragments(
     See the module docstring.
     """
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("positions", "radius", "confidence", "edges", "soma",
-                                                           "port", "active", "block", "bridges")}  # fmt: skip
+                                                           "port", "active", "on_face", "block", "bridges")}  # fmt: skip
     n = 0
     voxel_size = (1.0, 1.0, 1.0)
     for b, frags in enumerate(records):
         voxel_size = frags.voxel_size
-        for key in ("positions", "radius", "confidence", "soma", "port", "active", "bridges"):
+        for key in ("positions", "radius", "confidence", "soma", "port", "active", "on_face", "bridges"):
             parts[key].append(getattr(frags, key))
         parts["edges"].append(frags.edges + n)
         parts["block"].append(np.full(frags.n_nodes, b, np.int64))
@@ -173,40 +192,45 @@ def join_fragments(
                           np.zeros(0, bool), voxel_size=voxel_size)  # fmt: skip
         return Neurons(empty, review)
     pos, radius, confidence = (np.concatenate(parts[k]) for k in ("positions", "radius", "confidence"))
-    soma, port, active, block = (np.concatenate(parts[k]) for k in ("soma", "port", "active", "block"))
+    soma, port, active, on_face, block = (np.concatenate(parts[k]) for k in ("soma", "port", "active", "on_face",
+                                                                              "block"))  # fmt: skip
     edges = np.concatenate(parts["edges"]).reshape(-1, 2)
     for r in np.concatenate(parts["bridges"]):
         review.append(dict(kind="bridge", z=r["z"], y=r["y"], x=r["x"], length_um=r["length_um"],
                            confidence=r["mean_probability"] / 255, risk=_bridge_risk(r["length_um"],
                            r["mean_probability"], bridge_distance)))  # fmt: skip
 
-    # 1. Port identity: one node per integer voxel among ports and somata.
-    rep = _merge_identical(pos, soma | port)
+    # 1. Port identity (and twins along shared faces).
+    rep = _merge_groups(pos, soma | port, on_face, block, voxel)
     np.maximum.at(radius, rep, radius.copy())
     np.logical_or.at(soma, rep, soma.copy())
     np.logical_or.at(active, rep, active.copy())
     conf_sum = np.bincount(rep, weights=confidence, minlength=n)
     count = np.bincount(rep, minlength=n)
     keep = rep == np.arange(n)
+    fused = count > 1
     confidence = np.where(keep, conf_sum / np.maximum(count, 1), confidence)
     edges = rep[edges]
     edges = edges[edges[:, 0] != edges[:, 1]]
     edges = np.unique(np.sort(edges, axis=1), axis=0) if edges.size else edges.reshape(0, 2)
     _, edges = _renumber(keep, edges)
-    pos, radius, confidence, soma, port, active, block = (a[keep] for a in (pos, radius, confidence, soma, port,
-                                                                            active, block))  # fmt: skip
+    pos, radius, confidence, soma, port, active, fused, block = (
+        a[keep] for a in (pos, radius, confidence, soma, port, active, fused, block))
     # Hysteresis across blocks: a neuron needs a bright voxel somewhere.
     n = pos.shape[0]
     _, comp = connected_components(coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(n, n)),
                                    directed=False)  # fmt: skip
     keep = (np.bincount(comp, weights=active) > 0)[comp]
     _, edges = _renumber(keep, edges)
-    pos, radius, confidence, soma, port, block = (a[keep] for a in (pos, radius, confidence, soma, port, block))
+    pos, radius, confidence, soma, port, fused, block = (
+        a[keep] for a in (pos, radius, confidence, soma, port, fused, block))
     n = pos.shape[0]
 
     # 2. Cycles: keep the most confident edges.
     edges, dropped = _break_cycles(n, edges, confidence)
     for a, b in dropped.tolist():
+        if fused[a] or fused[b]:
+            continue  # a loop closed by merging twins, not by the data
         mid = (pos[a] + pos[b]) / 2
         conf = float(min(confidence[a], confidence[b]))
         review.append(dict(kind="cycle", z=mid[0], y=mid[1], x=mid[2],
