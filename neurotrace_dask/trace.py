@@ -58,6 +58,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import cc3d
+import edt
 import numba
 import numpy as np
 import numpy.typing as npt
@@ -235,6 +237,30 @@ def _n_components(n: int, edges: np.ndarray) -> int:
     return int(connected_components(graph, directed=False)[0])
 
 
+def _distance(mask: np.ndarray, voxel: np.ndarray) -> np.ndarray:
+    """Euclidean distance (um) of every foreground voxel to the background, zero outside.
+
+    Computed on the foreground's bounding box grown by one voxel (exact: every voxel beyond
+    it is background, and the grown box holds the nearest of them), so a sparse block costs
+    little.
+    """
+    dt = np.zeros(mask.shape, np.float32)
+    where = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != k))) for k in range(3)]
+    if where[0].size == 0:
+        return dt
+    box = tuple(slice(max(int(w[0]) - 1, 0), int(w[-1]) + 2) for w in where)
+    crop, anisotropy = np.ascontiguousarray(mask[box]), tuple(float(v) for v in voxel)
+    # No background anywhere (a solid block): measure to the block's border instead.
+    dt[box] = edt.edt(crop, anisotropy=anisotropy, black_border=bool(crop.all()), parallel=1)
+    return dt
+
+
+def _label26(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """26-connected components (cc3d: several times faster than ``ndimage.label`` in 3-D)."""
+    labels, n = cc3d.connected_components(np.ascontiguousarray(mask), connectivity=26, return_N=True)
+    return labels, int(n)
+
+
 def hysteresis(prob: np.ndarray, high: float, low: float) -> np.ndarray:
     """Foreground by hysteresis: 26-connected components of ``prob >= low`` holding a voxel ``>= high``.
 
@@ -244,7 +270,7 @@ def hysteresis(prob: np.ndarray, high: float, low: float) -> np.ndarray:
     [[[0, 1, 1, 1, 0, 0]]]
     """
     low_mask = prob >= low
-    labels, n = ndimage.label(low_mask, structure=_STRUCTURE26)
+    labels, n = _label26(low_mask)
     if n == 0:
         return low_mask
     keep = np.zeros(n + 1, bool)
@@ -782,7 +808,7 @@ def _somata(dt: np.ndarray, voxel: np.ndarray, soma_radius: float) -> list[int]:
     thin. Blocks look for somata in their whole read region, so a soma cut by a block face
     is found whole, by every block that sees it.
     """
-    deep, _ = ndimage.label(dt > soma_radius, structure=_STRUCTURE26)
+    deep, _ = _label26(dt > soma_radius)
     found = []
     for lab, sl in enumerate(ndimage.find_objects(deep), start=1):
         depth = dt[sl] * (deep[sl] == lab)
@@ -905,7 +931,7 @@ def trace_block(
         # Hysteresis is global: a dim stretch may reach its bright seed through another
         # block. So the components of ``prob >= low`` that touch a shared face are traced
         # too, marked inactive; the stitch drops joined neurons with no active node.
-        low_labels, _ = ndimage.label(prob >= low, structure=_STRUCTURE26)
+        low_labels, _ = _label26(prob >= low)
         faces = [np.take(low_labels[inner], (inner[k // 2].stop - inner[k // 2].start - 1) if k % 2 else 0,
                          axis=k // 2) for k, shared in enumerate(port_faces) if shared]  # fmt: skip
         pending = np.unique(np.concatenate([f.ravel() for f in faces]))
@@ -914,7 +940,7 @@ def trace_block(
                       np.zeros(0, bool), voxel_size=tuple(voxel))  # fmt: skip
     if not fg_all[inner].any():
         return empty
-    dt_all = ndimage.distance_transform_edt(fg_all, sampling=voxel)
+    dt_all = _distance(fg_all, voxel)
     somata = np.array([np.unravel_index(v, prob.shape) for v in _somata(dt_all, voxel, soma_radius)],
                       np.int64).reshape(-1, 3) - corner  # fmt: skip
     soma_depth = dt_all[tuple((somata + corner).T)]
@@ -937,7 +963,7 @@ def trace_block(
         s = np.rint(np.asarray(seeds, np.float64).reshape(-1, 3)).astype(np.int64) - corner
         inside = np.all((s >= 0) & (s < np.asarray(fg.shape)), axis=1)
         singles.extend(np.ravel_multi_index(tuple(s[inside].T), fg.shape).tolist())
-    labels, n_lab = ndimage.label(fg, structure=_STRUCTURE26)
+    labels, n_lab = _label26(fg)
     # All seeds grow at once, so components already seeded get no extra seed.
     taken = [v for vox in seed_vox for v in vox] + singles
     seeded = set(labels.flat[np.asarray(taken, np.int64)].tolist()) if taken else set()
