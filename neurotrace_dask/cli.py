@@ -204,6 +204,54 @@ def trace(
     typer.echo(trace_volume(image, out, cfg.trace, raw=raw, seeds=seeds, cluster=cfg.cluster).summary())
 
 
+@app.command("run")
+def run_pipeline(
+    input: Annotated[Path, typer.Argument(help="TIFF stack, folder of 2D slices, file.h5:/dataset, or Zarr.")],
+    out: Annotated[Path, typer.Option("--out", help="Run folder (created, or resumed).")],
+    config: ConfigOption = None,
+    voxel_size: Annotated[
+        Optional[tuple[float, float, float]], typer.Option("--voxel-size", help="Voxel size Z Y X in um.")
+    ] = None,
+    block: Annotated[Optional[Triple], typer.Option("--block", help="Voxels Z Y X per task (predict and trace).")] = None,
+    checkpoint: Annotated[
+        Optional[Path], typer.Option("--checkpoint", help="Network weights NAME.json (default: the shipped one).")
+    ] = None,
+    raw: Annotated[bool, typer.Option("--raw", help="Trace the image itself, without the network.")] = False,
+    seeds: Annotated[Optional[Path], typer.Option("--seeds", help="CSV of z,y,x seed voxels traced first.")] = None,
+    gold: Annotated[Optional[Path], typer.Option("--gold", help="Gold-standard SWC to evaluate against.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (blocks, memory, time) and stop.")] = False,
+    overwrite: OverwriteOption = False,
+    scheduler: SchedulerOption = None,
+    slurm: SlurmOption = False,
+    workers: WorkersOption = None,
+    threads: ThreadsOption = None,
+) -> None:
+    """Convert -> predict -> trace + stitch -> report, each stage resumable and skipped when done."""
+    from .pipeline import plan, run
+
+    overrides: dict[str, Any] = {
+        "convert": _drop_none(dict(voxel_size=voxel_size)),
+        "predict": _drop_none(dict(block=block)),
+        "trace": _drop_none(dict(block=block)),
+        "cluster": _cluster_overrides(scheduler, slurm, workers, threads),
+    }
+    cfg = load_config(config, overrides)
+    if dry_run:
+        typer.echo(plan(input, cfg, raw=raw))
+        return
+    result = run(input, out, cfg, raw=raw, checkpoint=checkpoint, seeds=seeds, gold=gold, overwrite=overwrite,
+                 progress=lambda line: typer.echo(line, err=True))  # fmt: skip
+    typer.echo(result.summary())
+
+
+@app.command("status")
+def run_status(out: Annotated[Path, typer.Argument(help="A run folder made by neurotrace run.")]) -> None:
+    """Show which stages of a run are done, and how many blocks of one in progress."""
+    from .pipeline import status
+
+    typer.echo(status(out))
+
+
 @swc_app.command("check")
 def swc_check(file: Annotated[Path, typer.Argument(help="SWC file to validate.")]) -> None:
     """Validate an SWC file and print a summary (nodes, trees, cable length)."""
@@ -270,7 +318,7 @@ def demo(
     out: Annotated[Path, typer.Option("--out", help="Folder for the demo's files.")] = Path("demo_out"),
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier demo's outputs.")] = False,
 ) -> None:
-    """Run the main job on an embedded default: a generated neuron-like stack -> OME-Zarr."""
+    """The whole pipeline on an embedded default: a rendered neuron, traced and scored against its gold SWC."""
     from .demo import run_demo
 
     typer.echo(run_demo(out, overwrite=overwrite))

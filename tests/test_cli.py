@@ -99,9 +99,13 @@ def test_debug_shows_traceback(tmp_path):
 def test_demo(tmp_path):
     result = run("demo", "--out", str(tmp_path / "demo"))
     assert result.returncode == 0, result.stderr
-    assert "demo.ome.zarr" in result.stdout
-    arrays, voxel_size = open_image(tmp_path / "demo" / "demo.ome.zarr")
-    assert voxel_size == (1.0, 0.3, 0.3) and arrays[0].shape == (64, 256, 256)
+    assert "against the gold standard: length F1" in result.stdout
+    run_folder = tmp_path / "demo" / "run"
+    assert (run_folder / "report.html").is_file() and (run_folder / "metrics.json").is_file()
+    arrays, voxel_size = open_image(run_folder / "image.ome.zarr")
+    assert voxel_size == (1.0, 0.5, 0.5)
+    again = run("demo", "--out", str(tmp_path / "demo"))
+    assert again.returncode == 2 and "--overwrite" in again.stderr
 
 
 def test_bad_slice_found_mid_run_is_one_line(tmp_path):
