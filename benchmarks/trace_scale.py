@@ -14,6 +14,7 @@ processes per volume size:
   same shape overlapping by one voxel, ``fix_borders``, ``simple_merge`` + ``consolidate`` +
   ``postprocess``) on the mask ``prob >= trace.low``, in the peers' venv, one process: its
   compute time excludes reading its chunk files;
+- the stitch alone, rerun on the fragment records: seconds and peak allocation (tracemalloc);
 - length-F1 of both against the scene's gold SWC.
 
 Prints a table and writes ``benchmarks/results/trace_scale.json``::
@@ -33,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +48,8 @@ from neurotrace_dask.evaluate import evaluate
 from neurotrace_dask.io.omezarr import mark_complete, plan_layout, write_image_metadata
 from neurotrace_dask.io.swc import read_swc
 from neurotrace_dask.synth import Scene, random_scene, render
-from neurotrace_dask.trace import block_faces, trace_volume
+from neurotrace_dask.stitch import join_fragments
+from neurotrace_dask.trace import Fragments, block_faces, trace_volume
 
 ROOT = Path(__file__).resolve().parent.parent
 PEERS = ROOT / ".peers" / "bin" / "python"
@@ -89,8 +92,17 @@ def run_ours(prob: Path, out: Path, block: int, workers: int) -> dict:
         result = trace_volume(prob, out, TraceConfig(block=(block,) * 3, overwrite=True), client=client)
         seconds = time.perf_counter() - start
         rss = sorted(client.run(_peak_rss_mb).values())
+    # The stitch alone, again, from the fragment records: its time and peak allocations.
+    tracemalloc.start()
+    start = time.perf_counter()
+    records = (Fragments.load(p) for p in sorted((out / "fragments").glob("*.npz")))
+    neurons = join_fragments(records)
+    stitch_s = time.perf_counter() - start
+    stitch_mb = tracemalloc.get_traced_memory()[1] / 2**20
+    tracemalloc.stop()
     return {"seconds": seconds, "blocks": result.blocks, "empty_blocks": result.empty, "neurons": result.neurons,
-            "worker_peak_rss_mb": rss, "voxels_per_s_per_core": math.prod(result.shape) / seconds / workers}
+            "worker_peak_rss_mb": rss, "voxels_per_s_per_core": math.prod(result.shape) / seconds / workers,
+            "stitch_seconds": stitch_s, "stitch_peak_mb": stitch_mb, "stitch_nodes": neurons.fragments.n_nodes}
 
 
 def export_chunks(prob: Path, folder: Path, block: int, low: float) -> int:
@@ -172,6 +184,10 @@ def main() -> None:
               f"{r.get('speed_ratio_vs_kimimaro_per_core', float('nan')):6.2f}")  # fmt: skip
     growth = max(rows[1]["ours"]["worker_peak_rss_mb"]) / max(rows[0]["ours"]["worker_peak_rss_mb"])
     print(f"worker peak RSS, 4x the volume: x{growth:.2f}; ratio = kimimaro seconds / (ours seconds x workers)")
+    for r in rows:
+        o = r["ours"]
+        print(f"stitch of {'x'.join(map(str, r['shape']))}: {o['stitch_nodes']} nodes, {o['stitch_seconds']:.2f} s, "
+              f"peak {o['stitch_peak_mb']:.1f} MB allocated")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"rows": rows, "rss_growth_4x_volume": growth, "workers": args.workers,
                                      "block": args.block, "python": sys.version.split()[0]}, indent=1, default=str))
