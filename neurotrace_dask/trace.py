@@ -269,14 +269,25 @@ def hysteresis(prob: np.ndarray, high: float, low: float) -> np.ndarray:
     >>> hysteresis(np.array([[[0, 90, 200, 90, 0, 90]]]), 150, 50).astype(int).tolist()
     [[[0, 1, 1, 1, 0, 0]]]
     """
-    low_mask = prob >= low
-    labels, n = _label26(low_mask)
-    if n == 0:
-        return low_mask
-    keep = np.zeros(n + 1, bool)
-    keep[np.unique(labels[prob >= high])] = True
-    keep[0] = False
-    return keep[labels]
+    return _hysteresis(prob, high, low, ())[0]
+
+
+def _hysteresis(prob: np.ndarray, high: float, low: float,
+                faces: Sequence[tuple[np.ndarray, ...]]) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """:func:`hysteresis`, and with it the components of ``prob >= low`` touching ``faces`` too.
+
+    ``faces``: index arrays (as from ``np.nonzero``) of the voxels on the shared faces.
+    One labelling serves both masks.
+    """
+    labels, n = _label26(prob >= low)
+    active = np.zeros(n + 1, bool)
+    active[labels[prob >= high]] = True
+    active[0] = False
+    touching = active.copy()
+    for where in faces:
+        touching[labels[where]] = True
+    touching[0] = False
+    return active[labels], (touching[labels] if faces else active[labels])
 
 
 def _residual(image: np.ndarray, voxel: np.ndarray, background_sigma: float) -> np.ndarray:
@@ -808,12 +819,19 @@ def _somata(dt: np.ndarray, voxel: np.ndarray, soma_radius: float) -> list[int]:
     thin. Blocks look for somata in their whole read region, so a soma cut by a block face
     is found whole, by every block that sees it.
     """
-    deep, _ = _label26(dt > soma_radius)
+    mask = dt > soma_radius
+    where = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != k))) for k in range(3)]
+    if where[0].size == 0:
+        return []
+    box = tuple(slice(int(w[0]), int(w[-1]) + 1) for w in where)  # the deep voxels only: small
+    corner = np.array([b.start for b in box])
+    deep, _ = _label26(mask[box])
     found = []
     for lab, sl in enumerate(ndimage.find_objects(deep), start=1):
-        depth = dt[sl] * (deep[sl] == lab)
-        top = np.asarray(np.unravel_index(int(np.argmax(depth)), depth.shape)) + [s.start for s in sl]
-        core = np.argwhere(depth > max(soma_radius, 0.6 * depth.max())) + [s.start for s in sl]
+        depth = dt[box][sl] * (deep[sl] == lab)
+        offset = np.array([s.start for s in sl]) + corner
+        top = np.asarray(np.unravel_index(int(np.argmax(depth)), depth.shape)) + offset
+        core = np.argwhere(depth > max(soma_radius, 0.6 * depth.max())) + offset
         extent = np.sqrt((((core - top) * voxel) ** 2).sum(axis=1)).max()
         if extent <= dt[tuple(top)]:
             found.append(int(np.ravel_multi_index(tuple(top), dt.shape)))
@@ -925,17 +943,16 @@ def trace_block(
     inner = tuple(slice(*s.indices(n)[:2]) for s, n in zip(inner, prob.shape, strict=True)) if inner is not None \
         else tuple(slice(0, n) for n in prob.shape)  # fmt: skip
     corner = np.array([s.start for s in inner])
-    active_all = hysteresis(prob, high, low)
-    fg_all = active_all
-    if any(port_faces):
-        # Hysteresis is global: a dim stretch may reach its bright seed through another
-        # block. So the components of ``prob >= low`` that touch a shared face are traced
-        # too, marked inactive; the stitch drops joined neurons with no active node.
-        low_labels, _ = _label26(prob >= low)
-        faces = [np.take(low_labels[inner], (inner[k // 2].stop - inner[k // 2].start - 1) if k % 2 else 0,
-                         axis=k // 2) for k, shared in enumerate(port_faces) if shared]  # fmt: skip
-        pending = np.unique(np.concatenate([f.ravel() for f in faces]))
-        fg_all = active_all | np.isin(low_labels, pending[pending > 0])
+    # Hysteresis is global: a dim stretch may reach its bright seed through another block.
+    # So the components of ``prob >= low`` that touch a shared face are traced too, marked
+    # inactive; the stitch drops joined neurons with no active node.
+    faces = []
+    for k, shared in enumerate(port_faces):
+        if shared:
+            plane = [np.arange(s.start, s.stop) for s in inner]
+            plane[k // 2] = np.array([inner[k // 2].stop - 1 if k % 2 else inner[k // 2].start])
+            faces.append(tuple(g.ravel() for g in np.meshgrid(*plane, indexing="ij")))
+    active_all, fg_all = _hysteresis(prob, high, low, faces)
     empty = Fragments(np.zeros((0, 3)), np.zeros(0), np.zeros(0), np.zeros((0, 2), np.int64), np.zeros(0, bool),
                       np.zeros(0, bool), voxel_size=tuple(voxel))  # fmt: skip
     if not fg_all[inner].any():
