@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from neurotrace_dask.config import ClusterConfig, Config, LocalClusterConfig, SynthConfig, TraceConfig
@@ -84,3 +85,14 @@ def test_cli_run_dry_run_and_status(tmp_path, stack):
     assert "trace:" in dry.stdout and not (tmp_path / "r").exists()
     missing = subprocess.run([NEUROTRACE, "status", str(tmp_path / "nothing")], capture_output=True, text=True)
     assert missing.returncode == 2 and missing.stderr.startswith("error: ") and "run folder" in missing.stderr
+
+
+def test_napari_paths_cover_every_edge_once(stack):
+    from neurotrace_dask.io.swc import napari_paths
+
+    _, gold = stack
+    swc = read_swc(gold)
+    paths = napari_paths(swc, scale_zyx=(1, 0.5, 0.5))
+    assert sum(len(p) - 1 for p in paths) == swc.n_nodes - swc.n_trees  # each edge in one path
+    length = sum(float(np.linalg.norm(np.diff(p, axis=0), axis=1).sum()) for p in paths)
+    assert length == pytest.approx(swc.cable_length((1, 0.5, 0.5)))

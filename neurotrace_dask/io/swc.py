@@ -29,7 +29,7 @@ from scipy.sparse.csgraph import connected_components, depth_first_order
 
 from neurotrace_dask.errors import OutputError, SWCError
 
-__all__ = ["SWC", "read_swc", "write_swc"]
+__all__ = ["SWC", "napari_paths", "read_swc", "write_swc"]
 
 _COLUMNS = ("id", "type", "x", "y", "z", "radius", "parent")
 _MAX_ID = 2**53  # ids are parsed as float64, which is exact up to here
@@ -467,6 +467,44 @@ def write_swc(
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def napari_paths(swc: SWC, scale_zyx: Sequence[float] = (1.0, 1.0, 1.0)) -> list[np.ndarray]:
+    """The tree as polylines for napari's shapes layer: one ``(k, 3)`` z, y, x path per branch.
+
+    A branch runs from a root or branch point to the next branch point or tip. ``scale_zyx``
+    converts the stored positions (voxels, for this package's SWCs) to the layer's units.
+
+    Examples
+    --------
+    >>> swc = SWC.from_arrays([[0, 0, 0], [0, 0, 1], [0, 1, 2], [0, -1, 2]], [-1, 0, 1, 1])
+    >>> [p.shape for p in napari_paths(swc)]
+    [(2, 3), (2, 3), (2, 3)]
+
+    In napari (outputs of ``neurotrace run``)::
+
+        viewer = napari.Viewer()
+        viewer.open("run/image.ome.zarr", plugin="napari-ome-zarr")
+        viewer.add_shapes(napari_paths(read_swc("run/traced/neurons/0001.swc")), shape_type="path",
+                          edge_color="cyan", edge_width=0.5)
+    """
+    zyx = swc.zyx * np.asarray(scale_zyx, float)
+    parent = swc.parent_index
+    children = np.bincount(parent[parent >= 0], minlength=swc.n_nodes)
+    only_child = np.full(swc.n_nodes, -1)
+    only_child[parent[parent >= 0]] = np.flatnonzero(parent >= 0)  # right where a node has one child
+    paths = []
+    # Every node that is not the single child of its parent starts a branch at its parent.
+    for start in np.flatnonzero(parent >= 0):
+        p = parent[start]
+        if children[p] == 1 and parent[p] >= 0:
+            continue
+        path, node = [p, start], start
+        while children[node] == 1:
+            node = int(only_child[node])
+            path.append(node)
+        paths.append(zyx[path])
+    return paths
 
 
 def _show(token: str) -> str:
