@@ -78,3 +78,39 @@ def test_the_whole_run_killed_and_rerun(image, undisturbed, tmp_path):
     assert rerun.returncode == 0, rerun.stderr
     assert "done before" in rerun.stdout and " 0 done before" not in rerun.stdout
     assert outputs(out) == outputs(undisturbed)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from neurotrace_dask.model import ModelSpec, build_model, save_checkpoint
+
+    spec = ModelSpec(width=4, modules_per_stage=1)
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", build_model(spec, seed=0).eval(), spec,
+                           voxel_size=(1.0, 0.5, 0.5))  # fmt: skip
+
+
+def test_prediction_killed_and_rerun(image, checkpoint, tmp_path):
+    import numpy as np
+    import zarr
+
+    def command(out: Path) -> list[str]:
+        return [NEUROTRACE, "predict", str(image), "--out", str(out), "--checkpoint", str(checkpoint),
+                "--block", *map(str, BLOCK), "--workers", "1", "--threads", "1"]  # fmt: skip
+
+    calm = subprocess.run(command(tmp_path / "calm.ome.zarr"), capture_output=True, text=True, timeout=300)
+    assert calm.returncode == 0, calm.stderr
+    out = tmp_path / "prob.ome.zarr"
+    first = subprocess.Popen(command(out), start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    markers = tmp_path / "prob.ome.zarr.partial" / "neurotrace_done" / "c"
+    deadline = time.time() + 180
+    while time.time() < deadline and first.poll() is None and len(list(markers.glob("*"))) < 10:
+        time.sleep(0.02)
+    os.killpg(first.pid, signal.SIGKILL)
+    assert first.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not out.exists()
+    rerun = subprocess.run(command(out), capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert " 0 done before" not in rerun.stdout
+    a = zarr.open_array(out / "0", mode="r")[...]
+    b = zarr.open_array(tmp_path / "calm.ome.zarr" / "0", mode="r")[...]
+    np.testing.assert_array_equal(a, b)
