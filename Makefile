@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup demo test bench accuracy peers clean
+.PHONY: setup demo test bench accuracy trace-speed peers checkpoints clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,15 @@ bench: setup
 # The weak-neurite accuracy benchmark: this project's tracers and the peers (about 30 min on 2 cores).
 accuracy: setup peers
 	$(BIN)/python benchmarks/accuracy.py --jobs 2
+
+# Tracing speed: linearity in foreground voxels, and voxel scooping vs kimimaro and Rivulet2 (a few minutes).
+trace-speed: setup peers
+	$(BIN)/python benchmarks/trace_speed.py
+
+# The shipped checkpoints (checkpoints/README.md): candidate pool, DHPR selection, four trainings
+# side by side on one thread each, and the model card's validation (about 1-1.5 h on 2 cores).
+checkpoints: setup
+	$(BIN)/python benchmarks/train_checkpoints.py all --parallel
 
 # Peer tracers (kimimaro, Rivulet2; APP2 if on PATH) in their own venv: see benchmarks/peers/README.md.
 PEERS := .peers

@@ -324,6 +324,66 @@ def demo(
     typer.echo(run_demo(out, overwrite=overwrite))
 
 
+@app.command()
+def train(
+    config: ConfigOption = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Run folder: best/last checkpoints, log.jsonl, tb/.")] = None,
+    resume: Annotated[
+        Optional[Path], typer.Option("--resume", help="Continue a run from its last.json (with its optimiser state).")
+    ] = None,
+    init: Annotated[
+        Optional[Path], typer.Option("--init", help="Fine-tune from this checkpoint NAME.json (transfer learning).")
+    ] = None,
+    pool: Annotated[Optional[Path], typer.Option("--pool", help="Candidate pool (.zarr) to train on.")] = None,
+    subset: Annotated[
+        Optional[Path], typer.Option("--subset", help="CSV from neurotrace select: train on those samples only.")
+    ] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Total optimiser steps.", min=1)] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed (same seed, same weights).", min=0)] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="torch CPU threads.", min=1)] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda.")] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Train or fine-tune the network on labelled volumes, a candidate pool and synthetic data."""
+    if resume is not None and init is not None:
+        raise NeurotraceError("--resume and --init exclude each other")
+    from .train import train as run_train
+
+    values = dict(out=out, init=init, pool=pool, subset=subset, steps=steps, seed=seed, threads=threads,
+                  device=device, overwrite=overwrite)  # fmt: skip
+    overrides = _drop_none(values)
+    if not progress:
+        overrides["progress"] = False
+    cfg = load_config(config, {"train": overrides})
+    result = run_train(cfg.train, synth=cfg.synth.model_copy(update={"voxel_size": cfg.train.voxel_size}),
+                       trace=cfg.trace, resume=resume)  # fmt: skip
+    typer.echo(result.summary())
+
+
+@app.command("select")
+def select_samples(
+    pool: Annotated[Path, typer.Argument(help="Candidate pool (.zarr, from neurotrace_dask.select.write_pool).")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for criteria.csv and selected.csv.")],
+    k: Annotated[Optional[int], typer.Option("--k", "-k", help="Samples to select.", min=1)] = None,
+    method: Annotated[Optional[str], typer.Option("--method", help="dhpr (the seed's), dhpr+ or random.")] = None,
+    checkpoint: Annotated[
+        Optional[Path], typer.Option("--checkpoint", help="dhpr+: model whose loss measures hardness.")
+    ] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="random: the draw.", min=0)] = None,
+    config: ConfigOption = None,
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Choose training samples by DHPR: density + low-SNR ratio among the noisier half (or dhpr+, random)."""
+    from .select import select as run_select
+    from .select import write_selection
+
+    cfg = load_config(config, {"select": _drop_none(dict(k=k, method=method, checkpoint=checkpoint, seed=seed))})
+    selection = run_select(pool, cfg.select)
+    criteria, chosen = write_selection(selection, out, overwrite=overwrite)
+    typer.echo(f"{selection.summary()}\n  {criteria}\n  {chosen}")
+
+
 def _evaluation_voxel_size(gold: Path, test: Path, gold_swc: Any, test_swc: Any) -> tuple[float, float, float]:
     """Voxel size from the SWC headers (as write_swc records it), else 1 um; says which on stderr."""
     from .errors import InputError

@@ -32,7 +32,11 @@ __all__ = [
     "PredictConfig",
     "SlurmConfig",
     "SynthConfig",
+    "AugmentConfig",
+    "SelectConfig",
     "TraceConfig",
+    "TrainConfig",
+    "TrainVolume",
     "dump_config",
     "load_config",
 ]
@@ -241,6 +245,128 @@ class TraceConfig(_Strict):
         return self
 
 
+class AugmentConfig(_Strict):
+    """Augmentation of training patches (``train.augment``); see :mod:`neurotrace_dask.train`.
+
+    Geometric: flips of every axis and 90-degree rotations in the y-x plane only (voxels are
+    anisotropic in z). Intensity, on the normalised patch: contrast ``scale`` and ``gamma``
+    ranges, a brightness ``offset`` (+-), additive Gaussian ``noise`` and signal-dependent
+    ``shot_noise`` (largest standard deviations, drawn per patch), and, with probability
+    ``dim_probability``, dimming of the signal towards the background by a factor down to
+    ``dim_min`` with fresh shot noise: weak neurites keep their labels.
+    """
+
+    flip: bool = True
+    rotate90: bool = True
+    scale: tuple[Positive, Positive] = (0.8, 1.25)
+    gamma: tuple[Positive, Positive] = (0.7, 1.4)
+    offset: NonNegative = 0.1
+    noise: NonNegative = 0.05
+    shot_noise: NonNegative = 0.1
+    dim_probability: Fraction = 0.5
+    dim_min: Annotated[float, Field(gt=0, le=1)] = 0.125
+
+
+class TrainVolume(_Strict):
+    """One training or validation volume: an image with a label mask or a gold SWC.
+
+    ``image`` is any input ``neurotrace convert`` reads (TIFF, Zarr, OME-Zarr, HDF5); ``label``
+    a mask of the same shape (non-zero = neurite); ``swc`` a gold tracing in the image's voxel
+    coordinates, rendered to a radius-aware mask patch by patch. ``intensity`` < 1 dims the
+    image with the renderer's camera model (``synth.dim_real_image``); ``region`` crops
+    ``[[z0, z1], [y0, y1], [x0, x1]]``; ``voxel_size`` overrides the file's.
+    """
+
+    image: Path
+    label: Path | None = None
+    swc: Path | None = None
+    voxel_size: VoxelSize | None = None
+    intensity: Annotated[float, Field(gt=0, le=1)] = 1.0
+    region: tuple[tuple[int, int], tuple[int, int], tuple[int, int]] | None = None
+
+    @model_validator(mode="after")
+    def _has_truth(self) -> TrainVolume:
+        if self.label is None and self.swc is None:
+            raise ValueError(f"volume {self.image} needs a label mask or a gold swc")
+        return self
+
+
+class TrainConfig(_Strict):
+    """Options of ``neurotrace train`` (see :mod:`neurotrace_dask.train`).
+
+    Data: ``volumes`` (image + mask or gold SWC), a candidate ``pool`` written by
+    :func:`neurotrace_dask.select.write_pool` (optionally only the names in a ``subset``
+    CSV from ``neurotrace select``), and a ``synthetic_fraction`` of patches rendered on the
+    fly with the ``synth`` section's physics. ``optimizer: sgd`` with lr 0.01, momentum 0.9,
+    weight decay 3e-4 is the seed pipeline's recipe; ``adamw`` with ``schedule: cosine`` the
+    other preset. ``threads`` caps torch's CPU threads (``null``: torch's default).
+    """
+
+    preset: Literal["small", "base"] = "base"
+    init: Path | None = None  # fine-tune from this checkpoint (its architecture wins over preset)
+    seed: Annotated[int, Field(ge=0)] = 0
+    threads: PositiveInt | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True  # mixed precision on GPU
+    voxel_size: VoxelSize = (1.0, 0.33, 0.33)  # recorded in the checkpoint; synthetic patches use it
+    patch: Triple = (32, 64, 64)
+    batch_size: PositiveInt = 4
+    steps: PositiveInt = 2000
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: Positive = 0.01
+    momentum: Fraction = 0.9
+    weight_decay: NonNegative = 3e-4
+    schedule: Literal["constant", "cosine", "poly"] = "constant"
+    warmup_steps: Annotated[int, Field(ge=0)] = 0
+    class_weight: Literal["foreground", "none"] = "foreground"  # seed: weights from the foreground fraction
+    min_foreground_fraction: Annotated[float, Field(gt=0, le=0.5)] = 0.05  # caps the neurite weight
+    dice_weight: NonNegative = 1.0
+    aux_weight: NonNegative = 0.5  # deep supervision of the auxiliary heads
+    foreground_bias: Fraction = 0.7  # share of patches centred near a neurite
+    volumes: list[TrainVolume] = Field(default_factory=list)
+    pool: Path | None = None
+    subset: Path | None = None  # CSV with a `name` column (and optionally `selected`) from neurotrace select
+    synthetic_fraction: Fraction = 0.0
+    synthetic_neurons: PositiveInt = 2
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    validation: list[TrainVolume] = Field(default_factory=list)
+    val_every: PositiveInt = 250
+    out: Path = Path("runs/train")
+    log_every: PositiveInt = 25
+    tensorboard: bool = True  # when the tensorboard package is installed
+    progress: bool = True
+    overwrite: bool = False
+
+    @model_validator(mode="after")
+    def _patch_on_stride(self) -> TrainConfig:
+        if any(n % 8 for n in self.patch):
+            raise ValueError(f"train.patch {self.patch} must be a multiple of the model stride 8 on every axis")
+        if self.subset is not None and self.pool is None:
+            raise ValueError("train.subset names samples of train.pool, which is not set")
+        return self
+
+
+class SelectConfig(_Strict):
+    """Options of ``neurotrace select`` (see :mod:`neurotrace_dask.select`).
+
+    ``dhpr`` is the seed's rule: signal density (foreground voxels / ``density_scale``,
+    clipped to 1), background noise (std), low-SNR ratio (foreground voxels with SNR below
+    ``snr_threshold``); keep samples noisier than the median, rank by density + low-SNR ratio,
+    take the top ``k``. ``dhpr+`` adds diversity (farthest-point sampling on image features,
+    weight ``diversity``) and hardness (the loss of ``checkpoint`` on each sample, weight
+    ``hardness_weight``). ``random`` draws ``k`` with ``seed``.
+    """
+
+    method: Literal["dhpr", "dhpr+", "random"] = "dhpr"
+    k: PositiveInt = 300
+    density_scale: Positive = 50000.0
+    snr_threshold: Positive = 2.0
+    diversity: Fraction = 0.5
+    hardness_weight: NonNegative = 1.0
+    checkpoint: Path | None = None  # model whose loss measures hardness (dhpr+)
+    seed: Annotated[int, Field(ge=0)] = 0
+
+
 class Config(_Strict):
     """Configuration of the whole pipeline; one section per stage."""
 
@@ -249,6 +375,8 @@ class Config(_Strict):
     predict: PredictConfig = Field(default_factory=PredictConfig)
     synth: SynthConfig = Field(default_factory=SynthConfig)
     trace: TraceConfig = Field(default_factory=TraceConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    select: SelectConfig = Field(default_factory=SelectConfig)
 
 
 def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

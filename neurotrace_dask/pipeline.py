@@ -48,9 +48,13 @@ TRACE_VOXELS_PER_CORE_S = 5e6
 CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"
 
 
+#: The shipped checkpoint used when none is given: the best of the model card (checkpoints/README.md).
+DEFAULT_CHECKPOINT = "voxresnet_small_random.json"
+
+
 def default_checkpoint() -> Path | None:
-    """The shipped checkpoint ``prediction`` uses when none is given (``checkpoints/default.json``)."""
-    path = CHECKPOINTS / "default.json"
+    """The shipped checkpoint prediction uses when none is given, if the checkpoints are there."""
+    path = CHECKPOINTS / DEFAULT_CHECKPOINT
     return path if path.is_file() else None
 
 

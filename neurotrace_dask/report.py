@@ -34,7 +34,7 @@ def maximum_projection(path: str | Path, max_pixels: int = 1024) -> tuple[np.nda
     >>> import tempfile, zarr
     >>> from neurotrace_dask.io.omezarr import plan_layout, write_image_metadata, mark_complete
     >>> p = tempfile.mkdtemp() + "/a.ome.zarr"
-    >>> write_image_metadata(p, plan_layout((4, 64, 64), np.uint8, (1, 1, 1), levels=1))
+    >>> _ = write_image_metadata(p, plan_layout((4, 64, 64), np.uint8, (1, 1, 1), levels=1), name="x")
     >>> zarr.open_array(p + "/0", mode="r+")[2, 5, 7] = 9; mark_complete(p)
     >>> mip, scale = maximum_projection(p, max_pixels=32)
     >>> mip.shape, int(mip.max()), scale
