@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup demo test bench accuracy trace-speed peers checkpoints clean
+.PHONY: setup demo test bench accuracy trace-speed trace-scale peers checkpoints clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ trace-speed: setup peers
 # side by side on one thread each, and the model card's validation (about 1-1.5 h on 2 cores).
 checkpoints: setup
 	$(BIN)/python benchmarks/train_checkpoints.py all --parallel
+
+# Blocked tracing + stitching on a 512 x 1024 x 1024 sparse map vs kimimaro chunked (about 10 min).
+trace-scale: setup peers
+	$(BIN)/python benchmarks/trace_scale.py
 
 # Peer tracers (kimimaro, Rivulet2; APP2 if on PATH) in their own venv: see benchmarks/peers/README.md.
 PEERS := .peers
