@@ -43,7 +43,7 @@ import numpy as np
 import tifffile
 
 from neurotrace_dask.config import PredictConfig, SelectConfig, SynthConfig, TraceConfig, load_config
-from neurotrace_dask.io.swc import SWC, read_swc
+from neurotrace_dask.io.swc import read_swc
 from neurotrace_dask.select import select, write_pool, write_selection
 from neurotrace_dask.synth import dim_real_image, load_morphology, random_morphology, render, scene_from_swc
 

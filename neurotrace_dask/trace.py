@@ -87,8 +87,6 @@ Float3 = tuple[float, float, float]
 #: Fields of :attr:`Fragments.bridges`: the gap's midpoint (voxels), length and mean probability (0-255).
 BRIDGE_DTYPE = np.dtype([("z", "f8"), ("y", "f8"), ("x", "f8"), ("length_um", "f8"), ("mean_probability", "f8")])
 
-_STRUCTURE26 = np.ones((3, 3, 3), bool)
-
 
 @dataclass(eq=False)
 class Fragments:

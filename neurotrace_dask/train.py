@@ -59,7 +59,6 @@ import copy
 import json
 import math
 import os
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -78,7 +77,6 @@ from .config import AugmentConfig, PredictConfig, SynthConfig, TraceConfig, Trai
 from .errors import ConfigError, InputError, OutputError
 from .model import (
     Checkpoint,
-    ModelSpec,
     Normalisation,
     VoxResNet,
     build_model,
