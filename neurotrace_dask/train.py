@@ -86,6 +86,7 @@ from .model import (
     preset,
     save_checkpoint,
 )
+from .predict import _mirror  # one mirroring rule for training patches and prediction halos
 
 __all__ = [
     "TAU_XY_VOXELS",
@@ -219,14 +220,6 @@ def augment(image: np.ndarray, label: np.ndarray, config: AugmentConfig, rng: np
 
 
 # --------------------------------------------------------------------------- data
-
-
-def _mirror(indices: np.ndarray, n: int) -> np.ndarray:
-    if n == 1:
-        return np.zeros_like(indices)
-    period = 2 * (n - 1)
-    folded = np.mod(indices, period)
-    return np.where(folded < n, folded, period - folded)
 
 
 def _mirrored(read: Callable[[tuple[slice, ...]], np.ndarray], shape: Int3, lo: Sequence[int], size: Sequence[int]

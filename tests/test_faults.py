@@ -42,6 +42,15 @@ def outputs(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in files}
 
 
+def kill_after(process: subprocess.Popen, markers: Path, blocks: int) -> None:
+    """SIGKILL ``process`` (and its workers) once ``blocks`` done markers exist in ``markers``."""
+    deadline = time.time() + 180
+    while time.time() < deadline and process.poll() is None and len(list(markers.glob("*"))) < blocks:
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+
+
 def test_a_worker_killed_mid_trace(image, undisturbed, tmp_path):
     cluster = ClusterConfig(local=LocalClusterConfig(n_workers=2, threads_per_worker=1, processes=True))
     with open_client(cluster) as client:
@@ -68,11 +77,7 @@ def test_the_whole_run_killed_and_rerun(image, undisturbed, tmp_path):
                "--workers", "1", "--threads", "1"]  # fmt: skip
     first = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     markers = tmp_path / "traced.partial" / "done.zarr" / "c"
-    deadline = time.time() + 180
-    while time.time() < deadline and first.poll() is None and len(list(markers.glob("*"))) < 20:
-        time.sleep(0.02)
-    os.killpg(first.pid, signal.SIGKILL)
-    assert first.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    kill_after(first, markers, 20)
     assert not out.exists() and markers.is_dir()  # nothing half-written looks finished
     rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
@@ -101,12 +106,7 @@ def test_prediction_killed_and_rerun(image, checkpoint, tmp_path):
     assert calm.returncode == 0, calm.stderr
     out = tmp_path / "prob.ome.zarr"
     first = subprocess.Popen(command(out), start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    markers = tmp_path / "prob.ome.zarr.partial" / "neurotrace_done" / "c"
-    deadline = time.time() + 180
-    while time.time() < deadline and first.poll() is None and len(list(markers.glob("*"))) < 10:
-        time.sleep(0.02)
-    os.killpg(first.pid, signal.SIGKILL)
-    assert first.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    kill_after(first, tmp_path / "prob.ome.zarr.partial" / "neurotrace_done" / "c", 10)
     assert not out.exists()
     rerun = subprocess.run(command(out), capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
