@@ -1,0 +1,114 @@
+"""Pure helpers of the accuracy benchmark: weak-branch selection and the stand-in probability map."""
+
+from __future__ import annotations
+
+import doctest
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from neurotrace_dask.config import SynthConfig
+from neurotrace_dask.io.swc import SWC
+
+ACCURACY = Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy.py"
+
+
+@pytest.fixture(scope="module")
+def acc():
+    spec = importlib.util.spec_from_file_location("benchmark_accuracy", ACCURACY)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+def star() -> SWC:
+    """A soma (two type-1 nodes) with a long primary branch that forks, and a short side branch.
+
+    Rows: 0-1 soma; 1 -> 2 -> 3 -> 4 (branch point at 4); 4 -> 5 -> 6 and 4 -> 7; 1 -> 8.
+    """
+    zyx = [[5, 5, 2], [5, 5, 3], [5, 5, 6], [5, 5, 9], [5, 5, 12], [5, 8, 15], [5, 11, 18], [5, 2, 15], [5, 2, 3]]
+    parent = [-1, 0, 1, 2, 3, 4, 5, 4, 1]
+    return SWC.from_arrays(zyx, parent, types=[1, 1, 3, 3, 3, 3, 3, 3, 3])
+
+
+def test_docstring_examples(acc):
+    result = doctest.testmod(acc)
+    assert result.attempted > 0 and result.failed == 0
+
+
+def test_gold_branches_sections_and_soma(acc):
+    branches = [b.tolist() for b in acc.gold_branches(star())]
+    # The soma edge 0-1 is no branch; node 1 (two children) starts two sections.
+    assert sorted(branches) == [[1, 2, 3, 4], [1, 8], [4, 5, 6], [4, 7]]
+
+
+def test_gold_branches_cover_all_non_soma_cable(acc):
+    gold = star()
+    total = sum(np.linalg.norm(np.diff(gold.zyx[b], axis=0), axis=1).sum() for b in acc.gold_branches(gold))
+    soma_edge = np.linalg.norm(gold.zyx[1] - gold.zyx[0])
+    assert math.isclose(total, gold.cable_length() - soma_edge)
+
+
+def test_weakest_third_rounds_up_and_skips_nan(acc):
+    assert acc.weakest(np.array([3.0, 1.0, 2.0, 4.0])).tolist() == [1, 2]  # ceil(4/3) = 2
+    assert acc.weakest(np.array([np.nan, np.nan])).tolist() == []
+    assert acc.weakest(np.array([2.0, 2.0, 2.0])).tolist() == [0]  # ties: by index
+
+
+def test_weak_branches_are_the_dim_ones(acc):
+    gold = star()
+    light = np.full((10, 14, 20), 50.0, np.float32)
+    light[:, :4, :] = 5.0  # the y < 4 half is dim: the branches 4 -> 7 and 1 -> 8 run there
+    sub, info = acc.weak_subforest(gold, light, (1.0, 1.0, 1.0))
+    assert info["branches"] == 4 and info["weak_branches"] == 2
+    assert sub.n_trees == 2
+    # The weak sub-forest holds exactly the two dim branches' cable.
+    expected = np.linalg.norm(gold.zyx[7] - gold.zyx[4]) + np.linalg.norm(gold.zyx[8] - gold.zyx[1])
+    assert math.isclose(sub.cable_length(), expected)
+
+
+def test_weak_recall_counts_only_weak_cable(acc):
+    gold = star()
+    branches = acc.gold_branches(gold)
+    weak = acc.subforest(gold, [b for b in branches if b.tolist() == [1, 8]])
+    # A test that traces everything but the branch 1 -> 8 (3 voxels along y from node 1):
+    # only its first half voxel, next to node 1, lies within tau.
+    test = SWC.from_arrays(gold.zyx[[1, 2, 3, 4, 5, 6]], [-1, 0, 1, 2, 3, 4])
+    assert acc.weak_recall(weak, test, (1.0, 1.0, 1.0), tau=0.5) == pytest.approx(0.5 / 3)
+    assert acc.weak_recall(weak, gold, (1.0, 1.0, 1.0), tau=0.5) == 1.0
+    assert math.isnan(acc.weak_recall(None, gold, (1.0, 1.0, 1.0), tau=0.5))
+
+
+def test_standin_follows_snr_and_is_deterministic(acc):
+    params = SynthConfig()
+    unit = acc._gaussian_norm(1.0) * math.sqrt(params.background_photons + params.read_noise**2)
+    signal = np.zeros((16, 32, 64), np.float32)
+    signal[8:, :, 32:] = 6 * unit  # a slab at 6 smoothed noise units
+    signal[8:, :, :8] = 20 * unit  # and one at 20
+    total = signal + params.background_photons
+    p = acc.standin_probability(signal, total, params, [1])
+    assert p.dtype == np.uint8
+    assert np.array_equal(p, acc.standin_probability(signal, total, params, [1]))
+    assert not np.array_equal(p, acc.standin_probability(signal, total, params, [2]))
+    # 16 per noise unit (raw_to_probability's mapping with the TraceConfig defaults), so
+    # 6 units read 96 on average; background stays below the tracer's low threshold (64, 4 units)
+    # but for a rare voxel; the bright slab saturates.
+    assert abs(float(p[12:, :, 36:].mean()) - 96) < 3
+    assert np.mean(p[:4, :, 12:28] >= 64) < 1e-3
+    assert np.mean(p[12:, :, :4] == 255) > 0.95
+
+
+def test_gaussian_norm_matches_smoothed_white_noise(acc):
+    noise = np.random.default_rng(0).standard_normal((64, 64, 64))
+    from scipy import ndimage
+
+    inner = ndimage.gaussian_filter(noise, 1.0)[8:-8, 8:-8, 8:-8]  # away from the mirrored edges
+    assert inner.std() == pytest.approx(acc._gaussian_norm(1.0), rel=0.03)
