@@ -84,6 +84,14 @@ class RunResult:
     def report(self) -> Path:
         return self.out / "report.html"
 
+    def image(self, level: int = 0) -> Any:
+        """The converted image as a lazy dask array (a pyramid ``level``); nothing is read yet."""
+        return _lazy(self.out / "image.ome.zarr", level)
+
+    def probability(self) -> Any:
+        """p(neurite) x 255 as a lazy dask array (not for a ``raw`` run)."""
+        return _lazy(self.out / "prob.ome.zarr", 0)
+
     def summary(self) -> str:
         """A few lines for the terminal."""
         lines = [f"{s.name:8s} {s.status:7s} {s.seconds:7.1f} s  {s.summary.splitlines()[0] if s.summary else ''}"
@@ -95,6 +103,14 @@ class RunResult:
         lines += [f"neurons: {self.neurons}/ (one SWC each), index {self.out / 'traced' / 'neurons.csv'}",
                   f"report:  {self.report}"]  # fmt: skip
         return "\n".join(lines)
+
+
+def _lazy(path: Path, level: int) -> Any:
+    import dask.array as da
+
+    from .io.omezarr import open_image
+
+    return da.from_zarr(open_image(path)[0][level])
 
 
 def _fingerprint(**parts: Any) -> str:

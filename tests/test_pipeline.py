@@ -59,7 +59,9 @@ def test_run_with_a_checkpoint_predicts(tmp_path, stack):
     ckpt = save_checkpoint(tmp_path / "tiny", build_model(spec, seed=0).eval(), spec, voxel_size=(1, 0.5, 0.5))
     result = run(tiff, tmp_path / "run", Config(cluster=LOCAL), checkpoint=ckpt)
     assert [s.name for s in result.stages] == ["convert", "predict", "trace", "report"]
-    assert (tmp_path / "run" / "prob.ome.zarr").is_dir()
+    probability, image = result.probability(), result.image()
+    assert probability.shape == image.shape and probability.dtype == np.uint8
+    assert int(probability.max().compute()) > 0  # lazy until computed
 
 
 def test_refusals_and_plan(tmp_path, stack, monkeypatch):
