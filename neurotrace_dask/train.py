@@ -47,6 +47,7 @@ Determinism
 
 Examples
 --------
+>>> import tempfile
 >>> from neurotrace_dask.config import TrainConfig
 >>> cfg = TrainConfig(preset="small", steps=2, batch_size=1, patch=(16, 16, 16), synthetic_fraction=1.0,
 ...                   progress=False, tensorboard=False, out=Path(tempfile.mkdtemp()) / "run")
@@ -653,6 +654,7 @@ def train(
 
     Examples
     --------
+    >>> import tempfile
     >>> cfg = TrainConfig(preset="small", steps=1, batch_size=1, patch=(16, 16, 16), synthetic_fraction=1.0,
     ...                   progress=False, tensorboard=False, out=Path(tempfile.mkdtemp()) / "run")
     >>> train(cfg, synth=SynthConfig(voxel_size=(1, 1, 1))).steps
