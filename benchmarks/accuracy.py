@@ -15,10 +15,9 @@ Methods
       standard (see :func:`standin_probability`), not from a CNN: the gold neurites' own light
       plus the image's noise, smoothed and scaled as ``raw_to_probability`` does, with no
       background and no fibres the gold does not trace. An upper-bound-ish sanity check of
-      the tracer on a probability map, to be replaced by ``neurotrace-cnn`` once trained
-      weights exist.
+      the tracer on a probability map, shown beside ``neurotrace-cnn``.
     - ``neurotrace-cnn``: ``predict.predict_array`` with a checkpoint (``--checkpoint``, one
-      or more, default the first ``checkpoints/*.json``), then voxel scooping; one method
+      or more, default the pipeline's shipped one), then voxel scooping; one method
       ``neurotrace-cnn:NAME`` per checkpoint, skipped with a note when there is none.
       ``--merge accuracy.json`` adds runs to an earlier full report instead of starting over.
       Cases whose data were in a checkpoint's training set are marked ``+`` in the report.
@@ -60,9 +59,15 @@ Weak branches
 Writes ``accuracy.json``, ``accuracy.md`` and ``accuracy.png`` to ``--out``
 (default ``benchmarks/results``)::
 
-    make peers && .venv/bin/python benchmarks/accuracy.py            # full: about an hour on 2 cores
+    make peers && .venv/bin/python benchmarks/accuracy.py            # full: over an hour on 2 cores (see below)
     .venv/bin/python benchmarks/accuracy.py --quick                  # OP_5 + one rendered cell, 2 intensities
-    .venv/bin/python benchmarks/accuracy.py --checkpoint checkpoints/NAME.json   # with the CNN path
+    .venv/bin/python benchmarks/accuracy.py --methods neurotrace-cnn --checkpoint checkpoints/NAME.json \
+        --merge benchmarks/results/accuracy.json                     # add one checkpoint to the report
+
+Measured on 2 shared cores (2026-11-25, ``--jobs 1``): the peers, ``neurotrace-raw`` and
+``neurotrace-standin`` on all 36 cases took 39 min with ``--k-from`` (no tuning trials; those come
+on top, Rivulet2 at low k running up to its CPU limit), each CNN checkpoint 18-26 min (prediction
+on the CPU).
 """
 
 from __future__ import annotations
@@ -518,9 +523,18 @@ def ours(method: str, checkpoint: Path | None = None) -> Callable[[Case, Path, f
 
 
 def default_checkpoint() -> Path | None:
-    """The first ``checkpoints/*.json`` (sorted by name), if any."""
-    found = sorted(CHECKPOINTS.glob("*.json"))
-    return found[0] if found else None
+    """The pipeline's shipped default checkpoint (``pipeline.default_checkpoint``), else the first
+    ``checkpoints/*.json`` (sorted by name) that has its ``.safetensors``, if any."""
+    try:
+        from neurotrace_dask.pipeline import default_checkpoint as shipped
+
+        found = shipped()
+        if found is not None:
+            return Path(found)
+    except ImportError:
+        pass
+    pairs = [p for p in sorted(CHECKPOINTS.glob("*.json")) if p.with_suffix(".safetensors").is_file()]
+    return pairs[0] if pairs else None
 
 
 def cnn_method(checkpoint: Path) -> str:
@@ -822,8 +836,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="OP_5 and one rendered cell at intensities 1 and 0.25")
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (timings are noisier above 1)")
     parser.add_argument("--checkpoint", type=Path, nargs="+", default=None,
-                        help="network(s) for neurotrace-cnn, one method each (default: the first checkpoints/*.json; "
-                             "none: skipped)")  # fmt: skip
+                        help="network(s) for neurotrace-cnn, one method each (default: the pipeline's shipped "
+                             "checkpoint, else the first checkpoints/*.json; none: skipped)")  # fmt: skip
     parser.add_argument("--merge", type=Path, default=None,
                         help="a previous full report (accuracy.json): keep its runs of the methods not run now")
     parser.add_argument("--k-from", type=Path, default=None,
@@ -900,8 +914,9 @@ def main() -> int:
         merged_from = {"path": str(args.merge), "methods": sorted({d["method"] for d in kept}),
                        "code": merged.get("code"), "wall_seconds": merged.get("wall_seconds"),
                        "load_average_start_end": merged.get("load_average_start_end")}  # fmt: skip
-        notes["merged"] = (f"runs of {', '.join(merged_from['methods'])} kept from an earlier run of this benchmark "
-                           f"(commit {(merged.get('code') or {}).get('commit', '?')[:7]}); the others run now")  # fmt: skip
+        notes["merged"] = (f"runs of {', '.join(merged_from['methods'])} kept from earlier runs of this benchmark "
+                           f"(through the report written at commit {(merged.get('code') or {}).get('commit', '?')[:7]}); "
+                           "the others run now")  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     summary = {key: [{"method": m, "series": s, "means": dict(zip(map(str, intensities), v))}
                      for m, s, v in means(runs, key, intensities)] for key, _ in SUMMARIES}  # fmt: skip
