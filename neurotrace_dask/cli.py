@@ -6,6 +6,7 @@ Every user-caused problem ends as one ``error: ...`` line on stderr and exit cod
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import sys
@@ -16,7 +17,7 @@ import typer
 
 from . import __version__
 from .config import dump_config, load_config
-from .errors import NeurotraceError
+from .errors import NeurotraceError, storage_error
 
 app = typer.Typer(
     name="neurotrace",
@@ -469,6 +470,9 @@ def main() -> None:
         if _state["debug"]:
             raise
         typer.echo(f"error: {exc}", err=True)
+        # Reads cut short by the error leave zarr's event loop with pending tasks, which asyncio
+        # would report at exit after the error line; they are not the user's concern.
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
@@ -476,6 +480,10 @@ def main() -> None:
     except Exception as exc:
         if _state["debug"]:
             raise
+        error = storage_error(exc) if isinstance(exc, OSError) else None
+        if error is not None:  # a full disk or a read-only folder: the user's to fix
+            typer.echo(f"error: {error}", err=True)
+            sys.exit(error.exit_code)
         first = str(exc).strip().splitlines()
         message = f"{type(exc).__name__}: {first[0]}" if first else type(exc).__name__
         typer.echo(f"error: unexpected {message} (rerun with --debug for the traceback)", err=True)

@@ -19,7 +19,7 @@ from distributed import Client, LocalCluster, as_completed
 from tqdm.auto import tqdm
 
 from .config import ClusterConfig, SlurmConfig
-from .errors import ConfigError, NeurotraceError
+from .errors import ConfigError, NeurotraceError, storage_error
 
 __all__ = ["get_client", "make_slurm_cluster", "open_client", "run_tasks"]
 
@@ -196,10 +196,15 @@ def run_tasks(
 
 def _call(
     function: Callable[..., Any], index: int, item: Any, kwargs: dict[str, Any]
-) -> tuple[int, Any, NeurotraceError | None]:
-    # A user-facing error (bad input found mid-run) comes back as a value: raised as a task
-    # failure, distributed would log it with a traceback on every worker's stderr.
+) -> tuple[int, Any, NeurotraceError | OSError | None]:
+    # A user-facing error (bad input found mid-run, a full disk) comes back as a value: raised
+    # as a task failure, distributed would log it with a traceback on every worker's stderr.
     try:
         return index, function(item, **kwargs), None
-    except NeurotraceError as exc:
-        return index, None, exc
+    except (NeurotraceError, OSError) as exc:  # OSError: a full disk or a read-only folder
+        if isinstance(exc, OSError) and storage_error(exc) is None:
+            raise
+        # Only the error itself travels: its context may be a library exception that does
+        # not unpickle (imagecodecs' DeflateError), which would replace the message with a crash.
+        exc.__context__ = exc.__cause__ = None
+        return index, None, exc.with_traceback(None)

@@ -182,12 +182,12 @@ def run(
     from .cluster import open_client
     from .evaluate import evaluate
     from .io.convert import convert
-    from .io.omezarr import is_complete, open_image
+    from .io.omezarr import is_complete, open_image, refuse_constant
     from .io.swc import read_swc
     from .model import load_checkpoint
     from .predict import predict
     from .report import write_report
-    from .trace import trace_volume
+    from .trace import read_seeds, trace_volume
 
     config = config or Config()
     out = Path(out).resolve()
@@ -196,11 +196,17 @@ def run(
         raise OutputError(f"{out}: exists and is not a folder")
     if out.exists() and any(out.iterdir()) and not (out / STATE).is_file():
         raise OutputError(f"{out}: exists and is not a neurotrace run folder; choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    # Every small input is checked before any work starts or anything is written.
+    sha = None
     if not raw:
         checkpoint = checkpoint or config.predict.checkpoint or default_checkpoint()
         if checkpoint is None:
             raise ConfigError("no checkpoint: pass --checkpoint NAME.json, or --raw to trace without the network")
+        sha = load_checkpoint(checkpoint).sha256
+    if seeds is not None:
+        read_seeds(seeds)
+    gold_swc = read_swc(gold) if gold is not None else None
+    out.mkdir(parents=True, exist_ok=True)
     state = _read_state(out)
     state.setdefault("stages", {})
     state.update(config=config.model_dump(mode="json"), versions=_versions(), input=str(input), raw=raw)
@@ -234,10 +240,10 @@ def run(
         stage("convert", fp_convert, lambda: is_complete(image),
               lambda again: convert(input, image, config.convert.model_copy(update={"overwrite": again}),
                                     client=active).summary())  # fmt: skip
+        refuse_constant(image, input)
         if raw:
             fp_predict = fp_convert
         else:
-            sha = load_checkpoint(checkpoint).sha256
             fp_predict = _fingerprint(image=fp_convert, checkpoint=sha,
                                       predict=config.predict.model_dump(mode="json", exclude={"overwrite", "checkpoint"}))  # fmt: skip
             predict_config = config.predict.model_copy(update={"checkpoint": Path(checkpoint)})
@@ -250,12 +256,12 @@ def run(
               lambda again: trace_volume(image if raw else prob, traced,
                                          config.trace.model_copy(update={"overwrite": again}), raw=raw, seeds=seeds,
                                          client=active).summary())  # fmt: skip
-        if gold is not None:
+        if gold_swc is not None:
             _, voxel = open_image(image)
             merged = traced / "neurons.swc"
             test = read_swc(merged) if merged.is_file() else None
             if test is not None:
-                result.metrics = evaluate(read_swc(gold), test, voxel_size_zyx=voxel).to_dict()
+                result.metrics = evaluate(gold_swc, test, voxel_size_zyx=voxel).to_dict()
                 (out / "metrics.json").write_text(json.dumps(result.metrics, indent=1, default=float), encoding="utf-8")
         started = time.perf_counter()
         say("report ...")

@@ -35,13 +35,15 @@ from distributed import Client
 from .blocks import Block, BlockGrid, DoneMarkers, layout_hash
 from .cluster import open_client, run_tasks
 from .config import ClusterConfig, PredictConfig
-from .errors import ConfigError, InputError, OutputError
+from .errors import ConfigError, InputError, OutputError, storage_error
 from .io.omezarr import (
     is_complete,
     mark_complete,
     open_image,
     plan_layout,
     prepare_partial,
+    read_region,
+    refuse_constant,
     replace_store,
     write_image_metadata,
     written_by_us,
@@ -122,15 +124,16 @@ def _mirror(indices: np.ndarray, n: int) -> np.ndarray:
     return np.where(folded < n, folded, period - folded)
 
 
-def _mirrored_read(source: Any, bounds: list[tuple[int, int]]) -> np.ndarray:
+def _mirrored_read(source: Any, bounds: list[tuple[int, int]], name: str | None = None) -> np.ndarray:
     """Read ``bounds`` (which may reach outside the volume) with the outside mirrored.
 
     Mirrored about the volume's faces, not the block's: a block at the edge sees exactly
-    what the whole volume sees there.
+    what the whole volume sees there. ``name`` (the store) makes a failed read an
+    :class:`InputError` naming it.
     """
     indices = [_mirror(np.arange(a, b), n) for (a, b), n in zip(bounds, source.shape)]
     inside = tuple(slice(int(i.min()), int(i.max()) + 1) for i in indices)
-    data = np.asarray(source[inside])
+    data = read_region(source, inside, name) if name else np.asarray(source[inside])
     if all(a >= 0 and b <= n for (a, b), n in zip(bounds, source.shape)):
         return data
     return data[np.ix_(*(i - s.start for i, s in zip(indices, inside)))]
@@ -147,11 +150,11 @@ def _read_bounds(write: tuple[slice, ...], halo: int) -> list[tuple[int, int]]:
 
 def _predict_region(
     model: torch.nn.Module, source: Any, write: tuple[slice, ...], norm: Normalisation, halo: int,
-    config: PredictConfig, device: torch.device,
+    config: PredictConfig, device: torch.device, name: str | None = None,
 ) -> np.ndarray | None:  # fmt: skip
     """uint8 probabilities of one write region; ``None`` when its input is all background."""
     bounds = _read_bounds(write, halo)
-    raw = _mirrored_read(source, bounds)
+    raw = _mirrored_read(source, bounds, name)
     if raw.dtype.kind == "f" and not np.isfinite(raw).all():
         raise InputError(f"image contains NaN or Inf values near {[(s.start, s.stop) for s in write]}")
     if config.skip_background and float(raw.max()) <= norm.low:
@@ -286,11 +289,16 @@ def predict(
     image, out = Path(image).resolve(), Path(out).resolve()
     _check_paths(image, out, config.overwrite)
     arrays, voxel_size = open_image(image)
+    refuse_constant(image)
     source = arrays[0]
     if source.dtype not in (np.uint8, np.uint16):
         raise InputError(f"{image}: dtype {source.dtype} is not supported (uint8 or uint16 from neurotrace convert)")
     checkpoint = load_checkpoint(config.checkpoint)
-    norm = checkpoint.measure_normalisation(source)
+    try:
+        norm = checkpoint.measure_normalisation(source)
+    except Exception as exc:  # the sample's chunks do not decode
+        raise InputError(f"{image}: cannot read the intensity sample (corrupt or missing chunk? "
+                         f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]})") from None  # fmt: skip
     chunks = tuple(int(c) for c in source.chunks)
     shards = getattr(source, "shards", None)
     unit = tuple(int(s) for s in shards) if shards else chunks
@@ -324,8 +332,11 @@ def predict(
             mark_complete(partial)
         shutil.rmtree(partial / DONE_FOLDER, ignore_errors=True)
         replace_store(partial, out)
-    except PermissionError as exc:
-        raise OutputError(f"{exc.filename or out}: cannot write ({exc.strerror})") from None
+    except OSError as exc:  # a full disk, a read-only folder: one line naming the output
+        error = storage_error(exc, out)
+        if error is None:
+            raise
+        raise error from None
     skipped = sum(1 for o in outcomes if o == "background")
     return PredictResult(out, image, checkpoint.path, tuple(source.shape), len(grid), len(todo) - skipped, skipped,
                          len(grid) - len(todo), norm, time.perf_counter() - started)  # fmt: skip
@@ -382,7 +393,7 @@ def _predict_task(
         torch.set_num_threads(1)
     model = _worker_model(checkpoint, sha256, device)
     arrays, _ = open_image(image)
-    probability = _predict_region(model, arrays[0], block.write, norm, halo, config, device)
+    probability = _predict_region(model, arrays[0], block.write, norm, halo, config, device, image)
     if probability is not None:
         zarr.open_array(store, mode="r+")[block.write] = probability
     markers.mark_done(block)

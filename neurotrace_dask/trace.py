@@ -72,7 +72,7 @@ from scipy.spatial import cKDTree
 from .blocks import Block, BlockGrid, DoneMarkers, layout_hash
 from .cluster import open_client, run_tasks
 from .config import ClusterConfig, TraceConfig
-from .errors import InputError, OutputError
+from .errors import InputError, OutputError, storage_error
 from .io.swc import SWC
 
 if TYPE_CHECKING:
@@ -1185,12 +1185,12 @@ def _trace_task(block: Block, *, image: str, folder: str, shape: tuple[int, int,
                 noise: tuple[float, float] | None, seeds: np.ndarray | None, config: TraceConfig,
                 markers: DoneMarkers) -> bool:  # fmt: skip
     """Trace one block and write its record; whether it held foreground."""
-    from .io.omezarr import open_image
+    from .io.omezarr import open_image, read_region
 
     array = open_image(image)[0][0]
     frags = None
     if raw or _stored_any(array, block.read):
-        data = np.asarray(array[block.read])
+        data = read_region(array, block.read, image)
         prob = raw_to_probability(data, voxel_size=voxel, high=config.high, low=config.low, k_high=config.k_high,
                                   k_low=config.k_low, background_sigma=config.background_sigma, noise=noise) \
             if raw else data  # fmt: skip
@@ -1201,9 +1201,11 @@ def _trace_task(block: Block, *, image: str, folder: str, shape: tuple[int, int,
     return frags is not None and frags.n_nodes > 0
 
 
-def _line_sampler(array: zarr.Array, raw: bool, noise: tuple[float, float] | None, voxel: np.ndarray,
+def _line_sampler(array: zarr.Array, name: Path, raw: bool, noise: tuple[float, float] | None, voxel: np.ndarray,
                   config: TraceConfig) -> Callable[[np.ndarray, np.ndarray], float]:  # fmt: skip
     """Mean probability along a gap between two voxel positions, read from the store (a few voxels)."""
+    from .io.omezarr import read_region
+
     shape = np.asarray(array.shape)
     margin = np.ceil(3 * config.background_sigma / voxel).astype(int) + 2
 
@@ -1213,7 +1215,7 @@ def _line_sampler(array: zarr.Array, raw: bool, noise: tuple[float, float] | Non
             values = np.asarray(array.get_coordinate_selection(tuple(idx.T)))
             return gap_mean(values, values < config.low)
         lo, hi = np.maximum(idx.min(axis=0) - margin, 0), np.minimum(idx.max(axis=0) + margin + 1, shape)
-        box = raw_to_probability(np.asarray(array[tuple(slice(x, y) for x, y in zip(lo, hi, strict=True))]),
+        box = raw_to_probability(read_region(array, [slice(x, y) for x, y in zip(lo, hi, strict=True)], name),
                                  voxel_size=voxel, high=config.high, low=config.low, k_high=config.k_high,
                                  k_low=config.k_low, background_sigma=config.background_sigma, noise=noise)  # fmt: skip
         values = box[tuple((idx - lo).T)]
@@ -1277,7 +1279,7 @@ def trace_volume(
     --------
     >>> trace_volume("prob.ome.zarr", "traced", TraceConfig(block=(128, 256, 256))).summary()  # doctest: +SKIP
     """
-    from .io.omezarr import open_image
+    from .io.omezarr import open_image, read_region, refuse_constant
     from .stitch import join_fragments, write_neurons
 
     started = time.perf_counter()
@@ -1292,6 +1294,7 @@ def trace_volume(
     if out.exists() and _read_state(out) is None:
         raise OutputError(f"{out}: exists and was not written by neurotrace trace; refusing to replace it")
     arrays, voxel = open_image(image)
+    refuse_constant(image)
     array = arrays[0]
     if array.ndim != 3:
         raise InputError(f"{image}: expected a 3-D (z, y, x) image, got {array.ndim} dimensions")
@@ -1306,7 +1309,7 @@ def trace_volume(
     noise = None
     if raw:  # one noise scale for every block, from up to 8 blocks spread over the volume
         picks = np.unique(np.linspace(0, len(grid) - 1, min(8, len(grid))).round().astype(int))
-        residual = [_residual(np.asarray(array[grid[int(i)].read]), np.asarray(voxel), cfg.background_sigma).ravel()
+        residual = [_residual(read_region(array, grid[int(i)].read, image), np.asarray(voxel), cfg.background_sigma).ravel()
                     for i in picks]  # fmt: skip
         residual = np.concatenate(residual)
         med = float(np.median(residual))
@@ -1342,7 +1345,7 @@ def trace_volume(
                 outcomes = run_tasks(active, _trace_task, todo, total=len(todo), description="trace",
                                      tasks_per_thread=(cluster or ClusterConfig()).tasks_per_thread, **kwargs)  # fmt: skip
         records = (Fragments.load(p) for p in sorted(fragments.glob("*.npz")))
-        neurons = join_fragments(records, sample=_line_sampler(array, raw, noise, np.asarray(voxel), cfg),
+        neurons = join_fragments(records, sample=_line_sampler(array, image, raw, noise, np.asarray(voxel), cfg),
                                  low=cfg.low, spur_factor=cfg.spur_factor, min_length=cfg.min_length,
                                  bridge_distance=cfg.bridge_distance, bridge_angle=cfg.bridge_angle,
                                  bridge_min_mean=cfg.bridge_min_mean)  # fmt: skip
@@ -1358,8 +1361,11 @@ def trace_volume(
             shutil.rmtree(old)
         else:
             partial.rename(out)
-    except PermissionError as exc:
-        raise OutputError(f"{exc.filename or out}: cannot write ({exc.strerror})") from None
+    except OSError as exc:  # a full disk, a read-only folder: one line naming the output
+        error = storage_error(exc, out)
+        if error is None:
+            raise
+        raise error from None
     return TraceResult(out, shape, len(rows), sum(bool(r["has_soma"]) for r in rows), neurons.fragments.n_nodes,
                        float(sum(r["cable_um"] for r in rows)), len(neurons.review), len(grid),
                        len(todo) - sum(outcomes), len(grid) - len(todo), time.perf_counter() - started)  # fmt: skip

@@ -23,7 +23,7 @@ from distributed import Client
 from ..blocks import Block, BlockGrid, DoneMarkers, layout_hash
 from ..cluster import open_client, run_tasks
 from ..config import ClusterConfig, ConvertConfig
-from ..errors import InputError, OutputError
+from ..errors import InputError, OutputError, storage_error
 from .omezarr import (
     ImageLayout,
     downsample_mean,
@@ -38,6 +38,7 @@ from .volumes import SUPPORTED_DTYPES, VolumeSource, format_region, open_volume
 __all__ = ["ConvertResult", "convert", "plan_tasks", "task_block_shape"]
 
 DONE_FOLDER = "neurotrace_done"
+STATS = "value_range"  # per level-0 block: the lowest and highest voxel written
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,8 @@ def _write_levels(
         data = _rescale(data, *value_range, zarr.open_array(f"{store}/0", mode="r").dtype)
     region = block.write
     zarr.open_array(f"{store}/0", mode="r+")[region] = data
+    # This block's own row (one chunk per block: one writer per object) of the value range.
+    zarr.open_array(f"{store}/{DONE_FOLDER}/{STATS}", mode="r+")[block.id] = (data.min(), data.max())
     for level, step in enumerate(factors, start=1):
         data = downsample_mean(data, step)
         # The block is aligned to whole storage units of every level it builds, so the
@@ -283,6 +286,10 @@ def convert(
                 ranges = run_tasks(active, _value_range_task, grids[0], total=len(grids[0]),
                                    description="value range", tasks_per_thread=tasks_per_thread, source=source)
                 value_range = (min(r[0] for r in ranges), max(r[1] for r in ranges))
+            stats = partial / DONE_FOLDER / STATS
+            if not stats.exists():
+                zarr.create_array(str(stats), shape=(len(grids[0]), 2), chunks=(1, 2), dtype="float64",
+                                  fill_value=np.nan)  # fmt: skip
             for step, grid in enumerate(grids):
                 level = 0 if step == 0 else built + step - 1
                 markers = DoneMarkers.open(partial / DONE_FOLDER / f"level{level}", grid, digest)
@@ -298,15 +305,18 @@ def convert(
                     description = f"level {level}"
                 run_tasks(active, task, todo, total=len(todo), description=description,
                           tasks_per_thread=tasks_per_thread, store=store, markers=markers, **kwargs)
-        mark_complete(partial)
+        ranges = zarr.open_array(str(partial / DONE_FOLDER / STATS), mode="r")[...]
+        low, high = (float(v) for v in (ranges[:, 0].min(), ranges[:, 1].max()))
+        if low == high:
+            notes.append(f"every voxel is {low:g}: an empty or saturated volume, or the wrong --channel?")
+        mark_complete(partial, value_range=[low, high])
         shutil.rmtree(partial / DONE_FOLDER)
         replace_store(partial, out)
-    except PermissionError as exc:
-        raise OutputError(f"{exc.filename or out}: cannot write ({exc.strerror})") from None
-    except OSError as exc:
-        if exc.errno is None:
+    except OSError as exc:  # a full disk, a read-only folder: one line naming the output
+        error = storage_error(exc, out)
+        if error is None:
             raise
-        raise OutputError(f"{exc.filename or out}: cannot write ({exc.strerror})") from None
+        raise error from None
     return ConvertResult(
         out, source.name, layout, voxel_origin, written, skipped, time.perf_counter() - started, tuple(notes)
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import shutil
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from zarr.codecs import BloscCodec, BloscShuffle
 
 from .. import __version__
 from ..errors import ConfigError, InputError, OutputError
+from .volumes import MAX_VOXELS
 
 __all__ = [
     "ImageLayout",
@@ -236,10 +238,27 @@ def write_image_metadata(
     return group
 
 
-def mark_complete(path: str | Path) -> None:
-    """Set the completion marker: the last thing written to a store."""
+def mark_complete(path: str | Path, **facts: object) -> None:
+    """Set the completion marker, with ``facts`` (e.g. ``value_range``): the last thing written to a store."""
     group = zarr.open_group(str(path), mode="r+")
-    group.attrs["neurotrace"] = {**group.attrs.get("neurotrace", {}), "complete": True}
+    group.attrs["neurotrace"] = {**group.attrs.get("neurotrace", {}), **facts, "complete": True}
+
+
+def constant_value(path: str | Path) -> float | None:
+    """The one value every voxel of an image holds, if ``neurotrace convert`` found it constant."""
+    try:
+        low, high = zarr.open_group(str(path), mode="r").attrs.get("neurotrace", {}).get("value_range")
+    except (TypeError, ValueError):  # no recorded range (another writer, or an older store)
+        return None
+    return float(low) if low == high else None
+
+
+def refuse_constant(path: str | Path, name: str | Path | None = None) -> None:
+    """Raise :class:`InputError` (naming ``name``, default ``path``) when every voxel of the image is one value."""
+    value = constant_value(path)
+    if value is not None:
+        raise InputError(f"{name or path}: every voxel is {value:g} (an empty or saturated volume, or the wrong "
+                         "--channel?); nothing to trace")  # fmt: skip
 
 
 def is_complete(path: str | Path) -> bool:
@@ -270,8 +289,29 @@ def open_image(path: str | Path) -> tuple[list[zarr.Array], tuple[float, float, 
         raise InputError(f"{path}: store is incomplete (an interrupted run?); rerun the command that writes it")
     datasets = multiscales[0]["datasets"]
     arrays = [group[d["path"]] for d in datasets]
+    if math.prod(arrays[0].shape) > MAX_VOXELS:
+        raise InputError(f"{path}: declares {math.prod(arrays[0].shape):.3g} voxels (shape {arrays[0].shape}), more "
+                         f"than the {MAX_VOXELS:.3g} this tool takes; a corrupt header?")  # fmt: skip
     scale = datasets[0]["coordinateTransformations"][0]["scale"]
     return arrays, tuple(float(v) for v in scale[-3:])  # type: ignore[return-value]
+
+
+def read_region(array: zarr.Array, region: Sequence[slice], name: str | Path) -> np.ndarray:
+    """Read ``array[region]``; a corrupt or unreadable chunk is an :class:`InputError` naming ``name``.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> a = zarr.create_array(tempfile.mkdtemp(), shape=(4, 4), chunks=(2, 2), dtype="uint8", fill_value=3)
+    >>> read_region(a, (slice(0, 2), slice(1, 3)), "a.zarr").tolist()
+    [[3, 3], [3, 3]]
+    """
+    try:
+        return np.asarray(array[tuple(region)])
+    except Exception as exc:  # a codec or store failure on this region's chunks
+        where = ", ".join(f"{s.start}:{s.stop}" for s in region)
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise InputError(f"{name}: cannot read [{where}] (corrupt or missing chunk? {type(exc).__name__}: {first})") from None
 
 
 def downsample_mean(block: np.ndarray, factors: Triple) -> np.ndarray:

@@ -11,6 +11,7 @@ be sent to Dask workers.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import struct
@@ -29,6 +30,9 @@ __all__ = ["SUPPORTED_DTYPES", "VolumeSource", "open_volume"]
 
 SUPPORTED_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16))
 TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8")
+#: Larger declared volumes are refused as corrupt headers: 2^50 voxels is about 200 whole mouse
+#: brains at 1 x 0.3 x 0.3 um (one is about 5e12 voxels).
+MAX_VOXELS = 2**50
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".he5")
 
 Region = tuple[slice, slice, slice]
@@ -435,6 +439,10 @@ def _finish(path, kind, native_shape, selection, dtype, voxel_size, notes, key=N
     if 0 in shape:
         name = f"{path}:{key}" if kind == "hdf5" else path
         raise InputError(f"{name}: volume has an empty axis (shape z,y,x = {shape})")
+    if math.prod(shape) > MAX_VOXELS:
+        name = f"{path}:{key}" if kind == "hdf5" else path
+        raise InputError(f"{name}: declares {math.prod(shape):.3g} voxels (shape z,y,x = {shape}), more than the "
+                         f"{MAX_VOXELS:.3g} this tool takes; a corrupt header?")  # fmt: skip
     return VolumeSource(path, kind, shape, dtype, voxel_size, selection, key, (), tuple(notes), z_known)
 
 
