@@ -56,7 +56,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import cc3d
 import edt
@@ -243,14 +243,21 @@ def _distance(mask: np.ndarray, voxel: np.ndarray) -> np.ndarray:
     little.
     """
     dt = np.zeros(mask.shape, np.float32)
-    where = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != k))) for k in range(3)]
-    if where[0].size == 0:
+    box = _bounding_box(mask, grow=1)
+    if box is None:
         return dt
-    box = tuple(slice(max(int(w[0]) - 1, 0), int(w[-1]) + 2) for w in where)
     crop, anisotropy = np.ascontiguousarray(mask[box]), tuple(float(v) for v in voxel)
     # No background anywhere (a solid block): measure to the block's border instead.
     dt[box] = edt.edt(crop, anisotropy=anisotropy, black_border=bool(crop.all()), parallel=1)
     return dt
+
+
+def _bounding_box(mask: np.ndarray, grow: int = 0) -> tuple[slice, ...] | None:
+    """The smallest box holding every ``True`` of ``mask``, grown by ``grow`` (clipped); ``None`` if none."""
+    where = [np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != k))) for k in range(mask.ndim)]
+    if where[0].size == 0:
+        return None
+    return tuple(slice(max(int(w[0]) - grow, 0), min(int(w[-1]) + 1 + grow, n)) for w, n in zip(where, mask.shape))
 
 
 def _label26(mask: np.ndarray) -> tuple[np.ndarray, int]:
@@ -277,15 +284,25 @@ def _hysteresis(prob: np.ndarray, high: float, low: float,
     ``faces``: index arrays (as from ``np.nonzero``) of the voxels on the shared faces.
     One labelling serves both masks.
     """
-    labels, n = _label26(prob >= low)
+    above = prob >= low
+    labels, n = _label26(above)
+    # Work on the (sparse) voxels above ``low`` only, never gather over the whole block.
+    where = np.flatnonzero(above)
+    label_of = labels.ravel()[where]
     active = np.zeros(n + 1, bool)
-    active[labels[prob >= high]] = True
-    active[0] = False
+    active[label_of[prob[above] >= high]] = True
     touching = active.copy()
-    for where in faces:
-        touching[labels[where]] = True
+    for face in faces:
+        touching[labels[face]] = True
     touching[0] = False
-    return active[labels], (touching[labels] if faces else active[labels])
+
+    def paint(keep: np.ndarray) -> np.ndarray:
+        out = np.zeros(prob.shape, bool)
+        out.ravel()[where[keep[label_of]]] = True
+        return out
+
+    active_mask = paint(active)
+    return active_mask, (paint(touching) if faces else active_mask)
 
 
 def _residual(image: np.ndarray, voxel: np.ndarray, background_sigma: float) -> np.ndarray:
@@ -941,6 +958,18 @@ def trace_block(
     inner = tuple(slice(*s.indices(n)[:2]) for s, n in zip(inner, prob.shape, strict=True)) if inner is not None \
         else tuple(slice(0, n) for n in prob.shape)  # fmt: skip
     corner = np.array([s.start for s in inner])
+    empty = Fragments(np.zeros((0, 3)), np.zeros(0), np.zeros(0), np.zeros((0, 2), np.int64), np.zeros(0, bool),
+                      np.zeros(0, bool), voxel_size=tuple(voxel))  # fmt: skip
+    options = dict(voxel_size=voxel_size, high=high, low=low, soma_radius=soma_radius, scoop=scoop,
+                   spur_factor=spur_factor, min_length=min_length, smooth=smooth, bridge_distance=bridge_distance,
+                   bridge_angle=bridge_angle, bridge_min_mean=bridge_min_mean)  # fmt: skip
+    # A sparse block is traced at the cost of its foreground's extent: first the box of
+    # everything >= low (no labelling of empty space), then the box of what hysteresis keeps.
+    box = _bounding_box(prob >= low, grow=1)
+    if box is None:
+        return empty
+    if math.prod(b.stop - b.start for b in box) < 0.5 * prob.size:
+        return _trace_cropped(prob, box, inner, port_faces, origin, seeds, **options)
     # Hysteresis is global: a dim stretch may reach its bright seed through another block.
     # So the components of ``prob >= low`` that touch a shared face are traced too, marked
     # inactive; the stitch drops joined neurons with no active node.
@@ -951,10 +980,11 @@ def trace_block(
             plane[k // 2] = np.array([inner[k // 2].stop - 1 if k % 2 else inner[k // 2].start])
             faces.append(tuple(g.ravel() for g in np.meshgrid(*plane, indexing="ij")))
     active_all, fg_all = _hysteresis(prob, high, low, faces)
-    empty = Fragments(np.zeros((0, 3)), np.zeros(0), np.zeros(0), np.zeros((0, 2), np.int64), np.zeros(0, bool),
-                      np.zeros(0, bool), voxel_size=tuple(voxel))  # fmt: skip
     if not fg_all[inner].any():
         return empty
+    box = _bounding_box(fg_all, grow=1)
+    if math.prod(b.stop - b.start for b in box) < 0.5 * prob.size:
+        return _trace_cropped(prob, box, inner, port_faces, origin, seeds, **options)
     dt_all = _distance(fg_all, voxel)
     somata = np.array([np.unravel_index(v, prob.shape) for v in _somata(dt_all, voxel, soma_radius)],
                       np.int64).reshape(-1, 3) - corner  # fmt: skip
@@ -1052,6 +1082,33 @@ def trace_block(
             bridges[name] += off[k]
     return Fragments(pos + off, radius, confidence, edges, on_face, soma, bridges, active=is_active,
                      voxel_size=tuple(float(v) for v in voxel), port=port)  # fmt: skip
+
+
+def _trace_cropped(prob: np.ndarray, box: tuple[slice, ...], inner: tuple[slice, ...], port_faces: Sequence[bool],
+                   origin: Sequence[int], seeds: npt.ArrayLike | None, **options: Any) -> Fragments:  # fmt: skip
+    """:func:`trace_block` on ``prob[box]``: the same result when ``box`` holds all the block's
+    foreground (or all of ``prob >= low``) and one voxel around it, at the cost of the box
+    instead of the block.
+
+    Every pass of the tracer is then as sparse as the foreground's extent: everything outside
+    the box is background, hysteresis, distance transform and somata are the same inside it,
+    and the shared faces it holds keep their ports (the same raster order, so the same ties).
+    """
+    start = np.array([b.start for b in box])
+    sub_inner = tuple(slice(max(i.start, b.start) - b.start, max(min(i.stop, b.stop), i.start, b.start) - b.start)
+                      for i, b in zip(inner, box, strict=True))  # fmt: skip
+    sub_faces = []
+    for k, shared in enumerate(port_faces):
+        axis = k // 2
+        plane = inner[axis].stop - 1 if k % 2 else inner[axis].start
+        sub_faces.append(bool(shared) and box[axis].start <= plane < box[axis].stop)
+    frags = trace_block(prob[box], inner=sub_inner, port_faces=sub_faces, origin=np.asarray(origin) + start,
+                        seeds=None if seeds is None else np.asarray(seeds).reshape(-1, 3) - start, **options)  # fmt: skip
+    # "On a face" means the block's faces, not the box's.
+    local = frags.positions - np.asarray(origin) - np.array([i.start for i in inner])
+    size = np.array([i.stop - i.start for i in inner])
+    frags.on_face = np.any((local < 1.0) | (local > size - 2.0), axis=1)
+    return frags
 
 
 # --------------------------------------------------------------------------- files (the CLI's edge)
