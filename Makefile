@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup demo test bench accuracy trace-speed trace-scale peers checkpoints clean
+.PHONY: setup demo test bench accuracy trace-speed trace-scale soak peers checkpoints clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ checkpoints: setup
 # Blocked tracing + stitching on a 512 x 1024 x 1024 sparse map vs kimimaro chunked (about 10 min).
 trace-scale: setup peers
 	$(BIN)/python benchmarks/trace_scale.py
+
+# Soak: the demo pipeline again and again on one local cluster for 10 min, a worker SIGKILLed
+# mid-run and all restarted every cycle; memory, file descriptors and temporary files within bounds.
+soak: setup
+	$(BIN)/python benchmarks/soak.py --minutes 10
 
 # Peer tracers (kimimaro, Rivulet2; APP2 if on PATH) in their own venv: see benchmarks/peers/README.md.
 PEERS := .peers

@@ -118,8 +118,13 @@ def open_client(config: ClusterConfig | None = None, client: Client | None = Non
         yield client
         return
     client = get_client(config)
+    # distributed closes a local worker's nanny for good when a worker of that name dies while
+    # an earlier one's 15 s "lost worker" timer runs (dask/distributed#7312): two deaths 15 s
+    # apart cost the cluster a worker. Local workers restart in seconds, so wait far longer.
+    local = (config or ClusterConfig()).kind == "local"
     try:
-        yield client
+        with dask.config.set({"distributed.deploy.lost-worker-timeout": "1h"} if local else {}):
+            yield client
     finally:
         cluster = client.cluster
         client.close()

@@ -66,6 +66,7 @@ class StageRecord:
     status: str
     seconds: float
     summary: str = ""
+    resumed: int = 0  # blocks found done by an interrupted earlier run
 
 
 @dataclass
@@ -95,7 +96,7 @@ class RunResult:
     def summary(self) -> str:
         """A few lines for the terminal."""
         lines = [f"{s.name:8s} {s.status:7s} {s.seconds:7.1f} s  {s.summary.splitlines()[0] if s.summary else ''}"
-                 for s in self.stages]  # fmt: skip
+                 + (f" (resumed: {s.resumed} block(s) done before)" if s.resumed else "") for s in self.stages]  # fmt: skip
         if self.metrics:
             length = self.metrics["length"]
             lines.append(f"against the gold standard: length F1 {length['f1']:.3f} (precision "
@@ -214,7 +215,7 @@ def run(
     say = progress or (lambda line: None)
     result = RunResult(out)
 
-    def stage(name: str, fingerprint: str, done: Callable[[], bool], work: Callable[[bool], str]) -> None:
+    def stage(name: str, fingerprint: str, done: Callable[[], bool], work: Callable[[bool], Any]) -> None:
         record = state["stages"].get(name, {})
         if record.get("complete") and record.get("fingerprint") == fingerprint and done():
             result.stages.append(StageRecord(name, "skipped", 0.0, record.get("summary", "")))
@@ -227,11 +228,14 @@ def run(
         _write_state(out, state)
         started = time.perf_counter()
         # Same fingerprint, not complete: an interrupted run of this very stage; let it resume.
-        summary = work(overwrite or record.get("fingerprint") == fingerprint)
+        outcome = work(overwrite or record.get("fingerprint") == fingerprint)
         seconds = time.perf_counter() - started
-        state["stages"][name] = {"fingerprint": fingerprint, "complete": True, "seconds": seconds, "summary": summary}
+        summary = outcome.summary()
+        resumed = int(getattr(outcome, "resumed", getattr(outcome, "blocks_skipped", 0)))
+        state["stages"][name] = {"fingerprint": fingerprint, "complete": True, "seconds": seconds, "summary": summary,
+                                 "resumed_blocks": resumed}  # fmt: skip
         _write_state(out, state)
-        result.stages.append(StageRecord(name, "ran", seconds, summary))
+        result.stages.append(StageRecord(name, "ran", seconds, summary, resumed))
 
     image, prob, traced = out / "image.ome.zarr", out / "prob.ome.zarr", out / "traced"
     with open_client(config.cluster if client is None else None, client) as active:
@@ -239,7 +243,7 @@ def run(
         fp_convert = _fingerprint(input=str(input), convert=convert_config)
         stage("convert", fp_convert, lambda: is_complete(image),
               lambda again: convert(input, image, config.convert.model_copy(update={"overwrite": again}),
-                                    client=active).summary())  # fmt: skip
+                                    client=active))  # fmt: skip
         refuse_constant(image, input)
         if raw:
             fp_predict = fp_convert
@@ -249,13 +253,13 @@ def run(
             predict_config = config.predict.model_copy(update={"checkpoint": Path(checkpoint)})
             stage("predict", fp_predict, lambda: is_complete(prob),
                   lambda again: predict(image, prob, predict_config.model_copy(update={"overwrite": again}),
-                                        client=active).summary())  # fmt: skip
+                                        client=active))  # fmt: skip
         fp_trace = _fingerprint(source=fp_predict, raw=raw, seeds=str(seeds),
                                 trace=config.trace.model_dump(mode="json", exclude={"overwrite"}))  # fmt: skip
         stage("trace", fp_trace, lambda: (traced / "neurons.csv").is_file(),
               lambda again: trace_volume(image if raw else prob, traced,
                                          config.trace.model_copy(update={"overwrite": again}), raw=raw, seeds=seeds,
-                                         client=active).summary())  # fmt: skip
+                                         client=active))  # fmt: skip
         if gold_swc is not None:
             _, voxel = open_image(image)
             merged = traced / "neurons.swc"
@@ -334,8 +338,9 @@ def status(out: str | Path) -> str:
         raise OutputError(f"{out}: not a neurotrace run folder (no {STATE})")
     lines = [f"{out}: input {state.get('input')}{' (traced raw)' if state.get('raw') else ''}"]
     stages = ["convert", "trace", "report"] if state.get("raw") else ["convert", "predict", "trace", "report"]
-    partials = {"convert": out / "image.ome.zarr.partial", "predict": out / "prob.ome.zarr.partial",
-                "trace": out / "traced.partial"}  # fmt: skip
+    # Each stage's done-marker store (convert: its level-0 pass, the bulk of its work).
+    markers = {"convert": out / "image.ome.zarr.partial" / "neurotrace_done" / "level0",
+               "predict": out / "prob.ome.zarr.partial" / "neurotrace_done", "trace": out / "traced.partial" / "done.zarr"}  # fmt: skip
     for name in stages:
         record = state["stages"].get(name)
         if record is None:
@@ -344,12 +349,10 @@ def status(out: str | Path) -> str:
             lines.append(f"  {name:8s} done ({record.get('seconds', 0):.1f} s)")
         else:
             done = "in progress"
-            for markers in sorted(partials[name].glob("**/*done*")) if name in partials else []:
-                try:  # a done-marker store: one stored chunk per done block
-                    array = zarr.open_array(markers, mode="r")
-                except Exception:
-                    continue
+            try:  # one stored chunk per done block
+                array = zarr.open_array(markers[name], mode="r")
                 done = f"in progress: {array.nchunks_initialized} of {array.shape[0]} blocks done"
-                break
+            except Exception:  # not started yet
+                pass
             lines.append(f"  {name:8s} {done}")
     return "\n".join(lines)

@@ -27,6 +27,25 @@ def _fail_on_three(x: int) -> int:
     return x
 
 
+def test_a_worker_dying_soon_after_a_restart_comes_back():
+    # distributed's 15 s lost-worker timer, armed by the restart, used to close the nanny of a
+    # worker that died again just before it fired: the cluster stayed one worker short.
+    import os
+    import signal
+
+    config = ClusterConfig(local=LocalClusterConfig(n_workers=2, threads_per_worker=1), dashboard_address="127.0.0.1:0")
+    with open_client(config) as client:
+        client.restart()
+        time.sleep(14)
+        os.kill(next(iter(client.run(os.getpid).values())), signal.SIGKILL)
+        deadline = time.time() + 40
+        while time.time() < deadline and len(client.scheduler_info()["workers"]) < 2:
+            time.sleep(0.5)
+        time.sleep(3)  # past the old timer's firing: the worker must still be there
+        assert len(client.scheduler_info()["workers"]) == 2
+        assert len(client.cluster.workers) == 2
+
+
 def test_local_processes_cluster():
     config = ClusterConfig(local=LocalClusterConfig(n_workers=2, threads_per_worker=1), dashboard_address="127.0.0.1:0")
     with open_client(config) as client:

@@ -9,6 +9,8 @@ that a half-written store never looks finished.
 from __future__ import annotations
 
 import math
+import os
+import re
 import shutil
 import uuid
 from collections.abc import Sequence
@@ -389,8 +391,34 @@ def prepare_partial(partial: Path, digest: str, overwrite: bool, *, what: str) -
     return False
 
 
+#: zarr writes each chunk to ``KEY.<uuid4 hex>.partial`` and renames it; a worker killed in
+#: between leaves that file behind (its block is rewritten elsewhere, the file stays).
+_INTERRUPTED_WRITE = re.compile(r"\.[0-9a-f]{32}\.partial$")
+
+
+def remove_interrupted_writes(store: str | Path) -> int:
+    """Delete the temporary files of chunk writes cut short in ``store``; how many there were.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> folder = Path(tempfile.mkdtemp()); (folder / f"0.{'a' * 32}.partial").write_bytes(b"x")
+    1
+    >>> remove_interrupted_writes(folder), sorted(folder.iterdir())
+    (1, [])
+    """
+    removed = 0
+    for root, _, files in os.walk(store):
+        for name in files:
+            if _INTERRUPTED_WRITE.search(name):
+                os.unlink(os.path.join(root, name))
+                removed += 1
+    return removed
+
+
 def replace_store(partial: Path, out: Path) -> None:
     """Move the finished store into place; an existing output is removed only after."""
+    remove_interrupted_writes(partial)
     if not out.exists():
         partial.rename(out)
         return
