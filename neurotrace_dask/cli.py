@@ -483,6 +483,7 @@ def main() -> None:
         error = storage_error(exc) if isinstance(exc, OSError) else None
         if error is not None:  # a full disk or a read-only folder: the user's to fix
             typer.echo(f"error: {error}", err=True)
+            logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # as above
             sys.exit(error.exit_code)
         first = str(exc).strip().splitlines()
         message = f"{type(exc).__name__}: {first[0]}" if first else type(exc).__name__
