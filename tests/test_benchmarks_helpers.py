@@ -3,30 +3,21 @@
 from __future__ import annotations
 
 import doctest
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from neurotrace_dask.config import SynthConfig
 from neurotrace_dask.io.swc import SWC
+from tests.conftest import benchmark_module
 
-ACCURACY = Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy.py"
 
 
 @pytest.fixture(scope="module")
 def acc():
-    spec = importlib.util.spec_from_file_location("benchmark_accuracy", ACCURACY)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    try:
-        spec.loader.exec_module(module)
+    with benchmark_module("accuracy") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def star() -> SWC:

@@ -63,6 +63,11 @@ def image(folder: Path, value=None) -> Path:
     return out
 
 
+def run_with_config(d: Path, yaml: str) -> list[str]:
+    (d / "conf.yaml").write_text(yaml)
+    return ["run", str(stack(d)), "--out", str(d / "run"), "--config", str(d / "conf.yaml")]
+
+
 def chunk_files(store: Path) -> list[Path]:
     return sorted(p for p in store.rglob("*") if p.is_file() and "c" in p.relative_to(store).parts)
 
@@ -304,26 +309,22 @@ def mismatched_checkpoint(d):
 
 @case
 def config_unknown_key(d):
-    (d / "conf.yaml").write_text("trace:\n  treshold: 0.5\n")
-    return ["run", str(stack(d)), "--out", str(d / "run"), "--config", str(d / "conf.yaml")], ["treshold"]
+    return run_with_config(d, "trace:\n  treshold: 0.5\n"), ["treshold"]
 
 
 @case
 def config_out_of_range(d):
-    (d / "conf.yaml").write_text("trace:\n  halo: -4\n")
-    return ["run", str(stack(d)), "--out", str(d / "run"), "--config", str(d / "conf.yaml")], ["trace.halo"]
+    return run_with_config(d, "trace:\n  halo: -4\n"), ["trace.halo"]
 
 
 @case
 def config_wrong_type(d):
-    (d / "conf.yaml").write_text("predict:\n  block: lots\n")
-    return ["run", str(stack(d)), "--out", str(d / "run"), "--config", str(d / "conf.yaml")], ["predict.block"]
+    return run_with_config(d, "predict:\n  block: lots\n"), ["predict.block"]
 
 
 @case
 def config_not_yaml(d):
-    (d / "conf.yaml").write_text("trace: [unclosed\n")
-    return ["run", str(stack(d)), "--out", str(d / "run"), "--config", str(d / "conf.yaml")], ["conf.yaml"]
+    return run_with_config(d, "trace: [unclosed\n"), ["conf.yaml"]
 
 
 # --- outputs that would destroy something ---------------------------------------------------

@@ -5,26 +5,17 @@ leaving no temporary files; and the soak's checks themselves fail when they shou
 from __future__ import annotations
 
 import doctest
-import importlib.util
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
-SOAK = Path(__file__).resolve().parents[1] / "benchmarks" / "soak.py"
+from tests.conftest import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def soak():
-    spec = importlib.util.spec_from_file_location("benchmark_soak", SOAK)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    try:
-        spec.loader.exec_module(module)
+    with benchmark_module("soak") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def test_docstring_examples(soak):
