@@ -307,24 +307,15 @@ def mismatched_checkpoint(d):
         ["net"]  # fmt: skip
 
 
-@case
-def config_unknown_key(d):
-    return run_with_config(d, "trace:\n  treshold: 0.5\n"), ["treshold"]
-
-
-@case
-def config_out_of_range(d):
-    return run_with_config(d, "trace:\n  halo: -4\n"), ["trace.halo"]
-
-
-@case
-def config_wrong_type(d):
-    return run_with_config(d, "predict:\n  block: lots\n"), ["predict.block"]
-
-
-@case
-def config_not_yaml(d):
-    return run_with_config(d, "trace: [unclosed\n"), ["conf.yaml"]
+#: Configuration files: case -> (the YAML, words the error must hold).
+CONFIG_CASES = {
+    "config-unknown-key": ("trace:\n  treshold: 0.5\n", ["treshold"]),
+    "config-out-of-range": ("trace:\n  halo: -4\n", ["trace.halo"]),
+    "config-wrong-type": ("predict:\n  block: lots\n", ["predict.block"]),
+    "config-not-yaml": ("trace: [unclosed\n", ["conf.yaml"]),
+}
+for _name, (_yaml, _words) in CONFIG_CASES.items():
+    CASES[_name] = lambda d, yaml=_yaml, words=_words: (run_with_config(d, yaml), words)
 
 
 # --- outputs that would destroy something ---------------------------------------------------
