@@ -208,22 +208,22 @@ def boolean_dtype(d):
     return ["convert", str(path), str(d / "out.ome.zarr"), "--rescale", "uint8"], ["in.zarr", "bool"]
 
 
+def non_finite(d: Path, name: str, value: float) -> list[str]:
+    """``convert --rescale`` of a float stack holding one ``value`` (NaN or Inf)."""
+    data = np.ones((8, 32, 32), np.float32)
+    data[3, 4, 5] = value
+    tifffile.imwrite(d / name, data, photometric="minisblack", metadata={"axes": "ZYX"})
+    return ["convert", str(d / name), str(d / "out.ome.zarr"), "--rescale", "uint16", *CLUSTER]
+
+
 @case
 def nan_in_float_input(d):
-    data = np.ones((8, 32, 32), np.float32)
-    data[3, 4, 5] = np.nan
-    path = d / "nan.tif"
-    tifffile.imwrite(path, data, photometric="minisblack", metadata={"axes": "ZYX"})
-    return ["convert", str(path), str(d / "out.ome.zarr"), "--rescale", "uint16", *CLUSTER], ["nan.tif", "NaN"]
+    return non_finite(d, "nan.tif", np.nan), ["nan.tif", "NaN"]
 
 
 @case
 def infinity_in_float_input(d):
-    data = np.ones((8, 32, 32), np.float32)
-    data[0, 0, 0] = np.inf
-    path = d / "inf.tif"
-    tifffile.imwrite(path, data, photometric="minisblack", metadata={"axes": "ZYX"})
-    return ["convert", str(path), str(d / "out.ome.zarr"), "--rescale", "uint16", *CLUSTER], ["inf.tif", "Inf"]
+    return non_finite(d, "inf.tif", np.inf), ["inf.tif", "Inf"]
 
 
 @case
