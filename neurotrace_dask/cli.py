@@ -10,6 +10,7 @@ import logging
 import os
 import platform
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -462,6 +463,14 @@ def evaluate(
             raise OutputError(f"{json_out} cannot be written: {e.strerror or e}") from None
 
 
+def _quiet_cut_short_reads() -> None:
+    """Keep the error line last: reads cut short by the error leave zarr's event loop with pending
+    tasks and never-awaited coroutines, which asyncio and the garbage collector would report at exit.
+    They are not the user's concern."""
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
+
+
 def main() -> None:
     """Console entry point: one-line errors unless ``--debug``."""
     try:
@@ -470,9 +479,7 @@ def main() -> None:
         if _state["debug"]:
             raise
         typer.echo(f"error: {exc}", err=True)
-        # Reads cut short by the error leave zarr's event loop with pending tasks, which asyncio
-        # would report at exit after the error line; they are not the user's concern.
-        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+        _quiet_cut_short_reads()
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
@@ -483,7 +490,7 @@ def main() -> None:
         error = storage_error(exc) if isinstance(exc, OSError) else None
         if error is not None:  # a full disk or a read-only folder: the user's to fix
             typer.echo(f"error: {error}", err=True)
-            logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # as above
+            _quiet_cut_short_reads()
             sys.exit(error.exit_code)
         first = str(exc).strip().splitlines()
         message = f"{type(exc).__name__}: {first[0]}" if first else type(exc).__name__
