@@ -87,6 +87,11 @@ Float3 = tuple[float, float, float]
 #: Fields of :attr:`Fragments.bridges`: the gap's midpoint (voxels), length and mean probability (0-255).
 BRIDGE_DTYPE = np.dtype([("z", "f8"), ("y", "f8"), ("x", "f8"), ("length_um", "f8"), ("mean_probability", "f8")])
 
+#: Below this foreground fill of its box, the distance transform searches from the foreground's
+#: voxels (about 2 us each) rather than sweeping the box (about 30 ns per voxel); measured on
+#: tubes and spheres, where the two cost the same near 1.5%.
+SPARSE_FILL = 0.01
+
 
 @dataclass(eq=False)
 class Fragments:
@@ -240,15 +245,48 @@ def _distance(mask: np.ndarray, voxel: np.ndarray) -> np.ndarray:
 
     Computed on the foreground's bounding box grown by one voxel (exact: every voxel beyond
     it is background, and the grown box holds the nearest of them), so a sparse block costs
-    little.
+    little; where the foreground fills under ``SPARSE_FILL`` of that box (thin neurites
+    crossing a block), from the foreground's voxels alone (:func:`_shell_distance`).
     """
     dt = np.zeros(mask.shape, np.float32)
     box = _bounding_box(mask, grow=1)
     if box is None:
         return dt
-    crop, anisotropy = np.ascontiguousarray(mask[box]), tuple(float(v) for v in voxel)
-    # No background anywhere (a solid block): measure to the block's border instead.
-    dt[box] = edt.edt(crop, anisotropy=anisotropy, black_border=bool(crop.all()), parallel=1)
+    crop = np.ascontiguousarray(mask[box])
+    inside = np.flatnonzero(crop)
+    if inside.size < SPARSE_FILL * crop.size:
+        dt[box] = _shell_distance(crop, inside, voxel)
+    else:  # No background anywhere (a solid block): measure to the block's border instead.
+        anisotropy = tuple(float(v) for v in voxel)
+        dt[box] = edt.edt(crop, anisotropy=anisotropy, black_border=inside.size == crop.size, parallel=1)
+    return dt
+
+
+def _shell_distance(mask: np.ndarray, inside: np.ndarray, voxel: np.ndarray) -> np.ndarray:
+    """:func:`_distance` of ``mask`` (which holds background) by nearest-neighbour search.
+
+    The nearest background voxel of a foreground voxel always has a foreground face
+    neighbour (one step from it towards the voxel would otherwise be nearer background),
+    so a KD-tree over that shell answers exactly, at a cost that follows the foreground,
+    not its box. ``inside``: the flat indices of the foreground. The same float32 values
+    as ``edt``.
+    """
+    coords = np.stack(np.unravel_index(inside, mask.shape), axis=1)
+    strides = np.array(mask.strides) // mask.itemsize
+    flat = mask.ravel()
+    shell = []
+    for axis in range(3):
+        for step in (-1, 1):
+            within = (coords[:, axis] + step >= 0) & (coords[:, axis] + step < mask.shape[axis])
+            near = inside[within] + step * strides[axis]
+            shell.append(near[~flat[near]])
+    shell = np.stack(np.unravel_index(np.unique(np.concatenate(shell)), mask.shape), axis=1)
+    scale = np.asarray(voxel, np.float64)
+    _, nearest = cKDTree(shell * scale).query(coords * scale)
+    # Squared distances summed in float32 as edt does, for the same rounding.
+    step = (coords - shell[nearest]) * scale.astype(np.float32)
+    dt = np.zeros(mask.shape, np.float32)
+    dt.ravel()[inside] = np.sqrt((step * step).sum(axis=1, dtype=np.float32))
     return dt
 
 

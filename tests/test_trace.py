@@ -223,3 +223,23 @@ def test_anisotropic_voxels_measure_in_micrometres():
     swc = trace_block(vol, voxel_size=(2.0, 0.5, 0.5), high=128, low=64).to_swc()
     assert swc.n_trees == 1
     assert abs(swc.cable_length(scale_zyx=(2.0, 0.5, 0.5)) - 78) <= 0.1 * 78
+
+
+@pytest.mark.parametrize("fill", [0.002, 0.05])
+@pytest.mark.parametrize("voxel", [(1.0, 1.0, 1.0), (2.5, 0.5, 0.7)])
+def test_distance_transform_matches_edt_sparse_or_dense(fill, voxel):
+    """Both paths of the distance transform (shell search below SPARSE_FILL, edt above) give
+    edt's float32 values, foreground on the array's border included."""
+    import edt
+
+    from neurotrace_dask.trace import SPARSE_FILL, _distance
+
+    rng = np.random.default_rng(3)
+    mask = np.zeros((30, 40, 50), bool)
+    while mask.mean() < fill:  # blobs and tubes, some cut by the border
+        z, y, x = rng.integers(0, (30, 40, 50))
+        r = rng.integers(1, 4)
+        mask[max(z - r, 0):z + r, max(y - r, 0):y + r, max(x - 3 * r, 0):x + 3 * r] = True
+    assert (mask.mean() < SPARSE_FILL) == (fill < SPARSE_FILL)
+    expected = edt.edt(mask, anisotropy=voxel, black_border=False, parallel=1)
+    np.testing.assert_array_equal(_distance(mask, np.asarray(voxel)), expected)
