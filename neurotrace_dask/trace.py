@@ -51,6 +51,7 @@ import json
 import math
 import os
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -240,54 +241,49 @@ def _n_components(n: int, edges: np.ndarray) -> int:
     return int(connected_components(graph, directed=False)[0])
 
 
-def _distance(mask: np.ndarray, voxel: np.ndarray) -> np.ndarray:
-    """Euclidean distance (um) of every foreground voxel to the background, zero outside.
+def _distance(mask: np.ndarray, voxel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The foreground's flat indices, and their Euclidean distance (um, float32) to the background.
 
     Computed on the foreground's bounding box grown by one voxel (exact: every voxel beyond
     it is background, and the grown box holds the nearest of them), so a sparse block costs
     little; where the foreground fills under ``SPARSE_FILL`` of that box (thin neurites
     crossing a block), from the foreground's voxels alone (:func:`_shell_distance`).
     """
-    dt = np.zeros(mask.shape, np.float32)
-    box = _bounding_box(mask, grow=1)
-    if box is None:
-        return dt
-    crop = np.ascontiguousarray(mask[box])
-    inside = np.flatnonzero(crop)
-    if inside.size < SPARSE_FILL * crop.size:
-        dt[box] = _shell_distance(crop, inside, voxel)
-    else:  # No background anywhere (a solid block): measure to the block's border instead.
-        anisotropy = tuple(float(v) for v in voxel)
-        dt[box] = edt.edt(crop, anisotropy=anisotropy, black_border=inside.size == crop.size, parallel=1)
-    return dt
+    inside = np.flatnonzero(mask)
+    if inside.size == 0:
+        return inside, np.zeros(0, np.float32)
+    coords = np.stack(np.unravel_index(inside, mask.shape), axis=1)
+    low, high = np.maximum(coords.min(axis=0) - 1, 0), np.minimum(coords.max(axis=0) + 2, mask.shape)
+    if inside.size < SPARSE_FILL * np.prod(high - low):
+        return inside, _shell_distance(mask, coords, voxel)
+    crop = np.ascontiguousarray(mask[tuple(slice(a, b) for a, b in zip(low, high, strict=True))])
+    # No background anywhere (a solid block): measure to the block's border instead.
+    dt = edt.edt(crop, anisotropy=tuple(float(v) for v in voxel), black_border=inside.size == crop.size, parallel=1)
+    return inside, dt[tuple((coords - low).T)]
 
 
-def _shell_distance(mask: np.ndarray, inside: np.ndarray, voxel: np.ndarray) -> np.ndarray:
-    """:func:`_distance` of ``mask`` (which holds background) by nearest-neighbour search.
+def _shell_distance(mask: np.ndarray, coords: np.ndarray, voxel: np.ndarray) -> np.ndarray:
+    """:func:`_distance` of the foreground voxels at ``coords`` (n, 3) of ``mask`` (which
+    holds background) by nearest-neighbour search; float32 (n,).
 
     The nearest background voxel of a foreground voxel always has a foreground face
     neighbour (one step from it towards the voxel would otherwise be nearer background),
     so a KD-tree over that shell answers exactly, at a cost that follows the foreground,
-    not its box. ``inside``: the flat indices of the foreground. The same float32 values
-    as ``edt``.
+    not its box. The same float32 values as ``edt``.
     """
-    coords = np.stack(np.unravel_index(inside, mask.shape), axis=1)
-    strides = np.array(mask.strides) // mask.itemsize
-    flat = mask.ravel()
     shell = []
     for axis in range(3):
         for step in (-1, 1):
-            within = (coords[:, axis] + step >= 0) & (coords[:, axis] + step < mask.shape[axis])
-            near = inside[within] + step * strides[axis]
-            shell.append(near[~flat[near]])
-    shell = np.stack(np.unravel_index(np.unique(np.concatenate(shell)), mask.shape), axis=1)
+            near = coords[(coords[:, axis] + step >= 0) & (coords[:, axis] + step < mask.shape[axis])]
+            near[:, axis] += step
+            shell.append(near[~mask[tuple(near.T)]])
+    shell = np.unique(np.ravel_multi_index(tuple(np.concatenate(shell).T), mask.shape))
+    shell = np.stack(np.unravel_index(shell, mask.shape), axis=1)
     scale = np.asarray(voxel, np.float64)
     _, nearest = cKDTree(shell * scale).query(coords * scale)
     # Squared distances summed in float32 as edt does, for the same rounding.
-    step = (coords - shell[nearest]) * scale.astype(np.float32)
-    dt = np.zeros(mask.shape, np.float32)
-    dt.ravel()[inside] = np.sqrt((step * step).sum(axis=1, dtype=np.float32))
-    return dt
+    step = ((coords - shell[nearest]) * scale).astype(np.float32)
+    return np.sqrt((step * step).sum(axis=1, dtype=np.float32))
 
 
 def _bounding_box(mask: np.ndarray, grow: int = 0) -> tuple[slice, ...] | None:
@@ -302,6 +298,61 @@ def _label26(mask: np.ndarray) -> tuple[np.ndarray, int]:
     """26-connected components (cc3d: several times faster than ``ndimage.label`` in 3-D)."""
     labels, n = cc3d.connected_components(np.ascontiguousarray(mask), connectivity=26, return_N=True)
     return labels, int(n)
+
+
+def _components26(mask: np.ndarray, where: np.ndarray) -> tuple[int, np.ndarray]:
+    """26-connected components of ``mask``: their number, and the label (1..n, in raster order
+    of each component's first voxel) of the voxels ``where = np.flatnonzero(mask)``.
+
+    Below ``SPARSE_FILL`` the graph of the set voxels and their forward neighbours goes to
+    ``scipy.sparse.csgraph``, at a cost that follows the voxels; above it, cc3d labels the
+    whole array.
+    """
+    if where.size >= SPARSE_FILL * mask.size:
+        labels, n = _label26(mask)
+        return n, labels.ravel()[where]
+    coords = np.stack(np.unravel_index(where, mask.shape), axis=1)
+    flat, shape = mask.ravel(), np.asarray(mask.shape)
+    first, second = [], []
+    for offset in _OFFSETS[13:]:  # the 13 forward neighbours: each pair once
+        near = coords + offset
+        within = np.flatnonzero(np.all((near >= 0) & (near < shape), axis=1))
+        index = np.ravel_multi_index(tuple(near[within].T), mask.shape)
+        hit = flat[index]
+        first.append(within[hit])
+        second.append(np.searchsorted(where, index[hit]))
+    graph = coo_matrix((np.ones(sum(f.size for f in first), bool), (np.concatenate(first), np.concatenate(second))),
+                       shape=(where.size, where.size))  # fmt: skip
+    # csgraph numbers components by their lowest node, here their first voxel in raster order: as cc3d.
+    n, component = connected_components(graph, directed=False)
+    return int(n), component + 1
+
+
+def _lookup(keys: np.ndarray, values: np.ndarray, query: np.ndarray, missing: float = 0) -> np.ndarray:
+    """``values`` at ``query`` for sorted ``keys`` (flat voxel indices), ``missing`` where absent."""
+    query = np.asarray(query, np.int64)
+    at = np.searchsorted(keys, query)
+    found = at < keys.size
+    found[found] = keys[at[found]] == query[found]
+    out = np.full(query.shape, missing, values.dtype)
+    out[found] = values[at[found]]
+    return out
+
+
+_workspace = threading.local()
+
+
+def _rank_buffer(size: int) -> np.ndarray:
+    """A flat int32 array of ``size`` zeros, kept per thread and handed back zeroed.
+
+    :func:`_scoop` reads it at random over the whole block; fresh zeroed memory would cost
+    a page fault and a page clearing at every first touch, more than the scooping itself on
+    a sparse block, so each worker thread pays for the pages once.
+    """
+    buffer = getattr(_workspace, "rank", None)
+    if buffer is None or buffer.size < size:
+        buffer = _workspace.rank = np.zeros(size, np.int32)
+    return buffer[:size]
 
 
 def hysteresis(prob: np.ndarray, high: float, low: float) -> np.ndarray:
@@ -323,15 +374,15 @@ def _hysteresis(prob: np.ndarray, high: float, low: float,
     One labelling serves both masks.
     """
     above = prob >= low
-    labels, n = _label26(above)
     # Work on the (sparse) voxels above ``low`` only, never gather over the whole block.
     where = np.flatnonzero(above)
-    label_of = labels.ravel()[where]
+    n, label_of = _components26(above, where)
     active = np.zeros(n + 1, bool)
     active[label_of[prob[above] >= high]] = True
     touching = active.copy()
     for face in faces:
-        touching[labels[face]] = True
+        on_face = np.ravel_multi_index(face, prob.shape)
+        touching[_lookup(where, label_of, on_face[above.ravel()[on_face]])] = True
     touching[0] = False
 
     def paint(keep: np.ndarray) -> np.ndarray:
@@ -426,7 +477,7 @@ def _label_argmax(labels, values, n):  # pragma: no cover - numba
 
 
 @numba.njit(cache=True)
-def _centroid(pool, start, end, shape, dt):  # pragma: no cover - numba
+def _centroid(pool, start, end, shape, rank, depth):  # pragma: no cover - numba
     cz = cy = cx = 0.0
     rmax = 0.0
     ny, nx = shape[1], shape[2]
@@ -438,14 +489,14 @@ def _centroid(pool, start, end, shape, dt):  # pragma: no cover - numba
         cz += z
         cy += y
         cx += x
-        if dt[v] > rmax:
-            rmax = dt[v]
+        if depth[rank[v] - 1] > rmax:
+            rmax = depth[rank[v] - 1]
     m = end - start
     cz, cy, cx = cz / m, cy / m, cx / m
     # A ring-shaped cluster (a front leaving a soma sideways) has its centroid deep inside:
     # the depth there, not the ring's, is the local radius.
-    inside = dt[(int(round(cz)) * ny + int(round(cy))) * nx + int(round(cx))]
-    return cz, cy, cx, max(rmax, inside)
+    r = rank[(int(round(cz)) * ny + int(round(cy))) * nx + int(round(cx))]
+    return cz, cy, cx, max(rmax, depth[r - 1] if r > 0 else 0.0)
 
 
 @numba.njit(cache=True, inline="always")
@@ -460,10 +511,13 @@ def _neighbour(v, o, nz, ny, nx):  # pragma: no cover - numba
 
 
 @numba.njit(cache=True)
-def _scoop(fg, dt, seed_pos, seed_radius, seed_ptr, seed_vox, shape, voxel, scoop):  # pragma: no cover - numba
+def _scoop(rank, depth, seed_pos, seed_radius, seed_ptr, seed_vox, shape, voxel, scoop):  # pragma: no cover - numba
     """Grow all fronts from the seeds; return node arrays.
 
-    ``fg`` (flat bool) foreground, ``dt`` (flat float) distance transform in um. Seed ``i``
+    ``rank`` (flat int32 over the block): 0 for background, else 1 + the voxel's row in
+    ``depth``, the distance transform (um) of the foreground's voxels. Everything else is
+    kept per foreground voxel, so a sparse block costs its foreground, not its volume.
+    Seed ``i``
     is a node at ``seed_pos[i]`` (voxels) of radius ``seed_radius[i]`` whose first
     cluster is the voxels ``seed_vox[seed_ptr[i]:seed_ptr[i + 1]]`` (flat indices; taken
     voxels are skipped, and a seed with none left makes no node).
@@ -473,16 +527,12 @@ def _scoop(fg, dt, seed_pos, seed_radius, seed_ptr, seed_vox, shape, voxel, scoo
     seed_node: the node row of each seed, or -1.
     """
     nz, ny, nx = shape[0], shape[1], shape[2]
-    nvox = nz * ny * nx
-    state = np.zeros(nvox, np.uint8)  # 0 unvisited, 1 in the layer being split, 2 visited
-    tree = np.full(nvox, -1, np.int32)  # seed node of the front that took each voxel
-    owner = np.full(nvox, -1, np.int32)  # last node of that front when it scooped the voxel
+    n_fg = depth.shape[0]
+    state = np.zeros(n_fg, np.uint8)  # 0 unvisited, 1 in the layer being split, 2 visited
+    tree = np.full(n_fg, -1, np.int32)  # seed node of the front that took each voxel
+    owner = np.full(n_fg, -1, np.int32)  # last node of that front when it scooped the voxel
     met = dict()
     met[(np.int64(-1), np.int64(-1))] = (np.int64(-1), np.int64(-1))
-    n_fg = 0
-    for v in range(nvox):
-        if fg[v]:
-            n_fg += 1
     cap = n_fg + seed_pos.shape[0] + 1
     pool = np.empty(cap, np.int64)  # voxels of every cluster, contiguous per cluster
     pool_n = 0
@@ -504,9 +554,10 @@ def _scoop(fg, dt, seed_pos, seed_radius, seed_ptr, seed_vox, shape, voxel, scoo
         start = pool_n
         for k in range(seed_ptr[i], seed_ptr[i + 1]):
             v = seed_vox[k]
-            if fg[v] and state[v] == 0:
-                state[v] = 2
-                tree[v] = nn
+            r = rank[v] - 1
+            if r >= 0 and state[r] == 0:
+                state[r] = 2
+                tree[r] = nn
                 pool[pool_n] = v
                 pool_n += 1
         if pool_n == start:
@@ -537,39 +588,40 @@ def _scoop(fg, dt, seed_pos, seed_radius, seed_ptr, seed_vox, shape, voxel, scoo
         nl = 0
         for k in range(start, end):
             v = pool[k]
-            owner[v] = p
+            owner[rank[v] - 1] = p
             for o in range(26):
                 u = _neighbour(v, o, nz, ny, nx)
-                if u < 0 or not fg[u]:
+                if u < 0 or rank[u] == 0:
                     continue
-                if state[u] == 0:
-                    state[u] = 1
+                r = rank[u] - 1
+                if state[r] == 0:
+                    state[r] = 1
                     layer[nl] = u
                     nl += 1
-                elif state[u] == 2 and tree[u] != mine:
-                    key = (np.int64(min(mine, tree[u])), np.int64(max(mine, tree[u])))
+                elif state[r] == 2 and tree[r] != mine:
+                    key = (np.int64(min(mine, tree[r])), np.int64(max(mine, tree[r])))
                     if key not in met:
                         met[key] = (np.int64(p), np.int64(u))
         # Split the layer into 26-connected clusters (each contiguous in the pool).
         nc = 0
         for i in range(nl):
             u = layer[i]
-            if state[u] != 1:
+            if state[rank[u] - 1] != 1:
                 continue
             child_start[nc] = pool_n
-            state[u] = 2
+            state[rank[u] - 1] = 2
             stack[0] = u
             top = 1
             while top > 0:
                 top -= 1
                 w = stack[top]
-                tree[w] = mine
+                tree[rank[w] - 1] = mine
                 pool[pool_n] = w
                 pool_n += 1
                 for o in range(26):
                     q = _neighbour(w, o, nz, ny, nx)
-                    if q >= 0 and state[q] == 1:
-                        state[q] = 2
+                    if q >= 0 and rank[q] > 0 and state[rank[q] - 1] == 1:
+                        state[rank[q] - 1] = 2
                         stack[top] = q
                         top += 1
             child_end[nc] = pool_n
@@ -577,7 +629,7 @@ def _scoop(fg, dt, seed_pos, seed_radius, seed_ptr, seed_vox, shape, voxel, scoo
         pz, py, px = pos[p, 0], pos[p, 1], pos[p, 2]
         if nc != 1:
             # A tip (no child) or a branch point: a node at the current cluster's centroid.
-            cz, cy, cx, rc = _centroid(pool, start, end, shape, dt)
+            cz, cy, cx, rc = _centroid(pool, start, end, shape, rank, depth)
             d = math.sqrt(((cz - pz) * voxel[0]) ** 2 + ((cy - py) * voxel[1]) ** 2 + ((cx - px) * voxel[2]) ** 2)
             b = p
             if d >= 0.5 * vmin:
@@ -597,7 +649,7 @@ def _scoop(fg, dt, seed_pos, seed_radius, seed_ptr, seed_vox, shape, voxel, scoo
                 qtail += 1
             continue
         s = child_end[0] - child_start[0]
-        cz, cy, cx, rc = _centroid(pool, child_start[0], child_end[0], shape, dt)
+        cz, cy, cx, rc = _centroid(pool, child_start[0], child_end[0], shape, rank, depth)
         d = math.sqrt(((cz - pz) * voxel[0]) ** 2 + ((cy - py) * voxel[1]) ** 2 + ((cx - px) * voxel[2]) ** 2)
         reach = scoop * 2.0 * max(rc, vmax)
         if d >= reach:
@@ -622,7 +674,7 @@ def _scoop(fg, dt, seed_pos, seed_radius, seed_ptr, seed_vox, shape, voxel, scoo
     for key, value in met.items():
         if key[0] >= 0:
             contacts[nc, 0] = value[0]
-            contacts[nc, 1] = owner[value[1]]
+            contacts[nc, 1] = owner[rank[value[1]] - 1]
             contacts[nc, 2] = value[1]
             nc += 1
     order = np.argsort(contacts[:nc, 2], kind="mergesort")
@@ -864,31 +916,34 @@ def _face_ports(fg: np.ndarray, voxel: np.ndarray, faces: Sequence[bool], soma_c
     return ports, at_soma
 
 
-def _somata(dt: np.ndarray, voxel: np.ndarray, soma_radius: float) -> list[int]:
-    """Soma centres (flat indices into ``dt``), deepest first.
+def _somata(shape: Sequence[int], inside: np.ndarray, depth: np.ndarray, voxel: np.ndarray,
+            soma_radius: float) -> list[int]:  # fmt: skip
+    """Soma centres (flat indices into a block of ``shape``), deepest first; ``inside`` and
+    ``depth``: the foreground's flat indices and distance transform (from :func:`_distance`).
 
     A soma is a compact deep core (the region deeper than ``soma_radius``, reaching no
     further than its own depth from its deepest voxel); a thick neurite's core is long and
     thin. Blocks look for somata in their whole read region, so a soma cut by a block face
     is found whole, by every block that sees it.
     """
-    mask = dt > soma_radius
-    where = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != k))) for k in range(3)]
-    if where[0].size == 0:
+    deep = depth > soma_radius
+    if not deep.any():
         return []
-    box = tuple(slice(int(w[0]), int(w[-1]) + 1) for w in where)  # the deep voxels only: small
-    corner = np.array([b.start for b in box])
-    deep, _ = _label26(mask[box])
+    coords = np.stack(np.unravel_index(inside[deep], shape), axis=1)
+    corner = coords.min(axis=0)
+    dt = np.zeros(coords.max(axis=0) + 1 - corner, np.float32)  # over the deep voxels' box only: small
+    dt[tuple((coords - corner).T)] = depth[deep]
+    labels, _ = _label26(dt > 0)
     found = []
-    for lab, sl in enumerate(ndimage.find_objects(deep), start=1):
-        depth = dt[box][sl] * (deep[sl] == lab)
-        offset = np.array([s.start for s in sl]) + corner
-        top = np.asarray(np.unravel_index(int(np.argmax(depth)), depth.shape)) + offset
-        core = np.argwhere(depth > max(soma_radius, 0.6 * depth.max())) + offset
+    for lab, sl in enumerate(ndimage.find_objects(labels), start=1):
+        core_depth = dt[sl] * (labels[sl] == lab)
+        offset = np.array([s.start for s in sl])
+        top = np.asarray(np.unravel_index(int(np.argmax(core_depth)), core_depth.shape)) + offset
+        core = np.argwhere(core_depth > max(soma_radius, 0.6 * core_depth.max())) + offset
         extent = np.sqrt((((core - top) * voxel) ** 2).sum(axis=1)).max()
         if extent <= dt[tuple(top)]:
-            found.append(int(np.ravel_multi_index(tuple(top), dt.shape)))
-    return sorted(found, key=lambda v: (-dt.flat[v], v))  # deterministic
+            found.append((-float(dt[tuple(top)]), int(np.ravel_multi_index(tuple(top + corner), shape))))
+    return [v for _, v in sorted(found)]  # deepest first, then raster order: deterministic
 
 
 def _join_contacts(seed_of: np.ndarray, contacts: np.ndarray) -> np.ndarray:
@@ -1023,12 +1078,17 @@ def trace_block(
     box = _bounding_box(fg_all, grow=1)
     if math.prod(b.stop - b.start for b in box) < 0.5 * prob.size:
         return _trace_cropped(prob, box, inner, port_faces, origin, seeds, **options)
-    dt_all = _distance(fg_all, voxel)
-    somata = np.array([np.unravel_index(v, prob.shape) for v in _somata(dt_all, voxel, soma_radius)],
-                      np.int64).reshape(-1, 3) - corner  # fmt: skip
-    soma_depth = dt_all[tuple((somata + corner).T)]
-    prob_all, prob, active, fg = prob, prob[inner], active_all[inner], fg_all[inner]
-    fg, dt = np.ascontiguousarray(fg), np.ascontiguousarray(dt_all[inner])
+    # From here on the foreground is a list of voxels (flat indices, sorted) with values
+    # beside them: the passes cost the foreground, not the block.
+    inside_all, depth_all = _distance(fg_all, voxel)
+    somata = np.array([np.unravel_index(v, prob.shape) for v in _somata(prob.shape, inside_all, depth_all, voxel,
+                                                                         soma_radius)], np.int64).reshape(-1, 3)  # fmt: skip
+    soma_depth = _lookup(inside_all, depth_all, np.ravel_multi_index(tuple(somata.T), prob.shape))
+    somata -= corner
+    prob_all, prob, active, fg = prob, prob[inner], active_all[inner], np.ascontiguousarray(fg_all[inner])
+    fg_index = np.flatnonzero(fg)
+    in_block = np.stack(np.unravel_index(fg_index, fg.shape), axis=1) + corner
+    fg_depth = _lookup(inside_all, depth_all, np.ravel_multi_index(tuple(in_block.T), prob_all.shape))
     owned = np.all((somata >= 0) & (somata < np.asarray(fg.shape)), axis=1)
     ports, at_soma = _face_ports(fg, voxel, port_faces, somata, soma_depth)
     # Seeds, in order: the block's somata, the somata of other blocks cut by a shared face
@@ -1046,22 +1106,27 @@ def trace_block(
         s = np.rint(np.asarray(seeds, np.float64).reshape(-1, 3)).astype(np.int64) - corner
         inside = np.all((s >= 0) & (s < np.asarray(fg.shape)), axis=1)
         singles.extend(np.ravel_multi_index(tuple(s[inside].T), fg.shape).tolist())
-    labels, n_lab = _label26(fg)
+    n_lab, labels = _components26(fg, fg_index)
     # All seeds grow at once, so components already seeded get no extra seed.
     taken = [v for vox in seed_vox for v in vox] + singles
-    seeded = set(labels.flat[np.asarray(taken, np.int64)].tolist()) if taken else set()
+    seeded = set(_lookup(fg_index, labels, taken).tolist()) if taken else set()
     if n_lab:
-        tops = _label_argmax(labels.ravel(), dt.ravel(), n_lab)
+        tops = fg_index[_label_argmax(labels, fg_depth, n_lab)]
         singles.extend(int(tops[i - 1]) for i in range(1, n_lab + 1) if i not in seeded)
-    for v in singles:
+    for v, depth in zip(singles, _lookup(fg_index, fg_depth, singles).tolist(), strict=True):
         seed_pos.append(np.unravel_index(v, fg.shape))
-        seed_radius.append(dt.flat[v])
+        seed_radius.append(depth)
         seed_vox.append([v])
     ptr = np.cumsum([0] + [len(v) for v in seed_vox])
     flat_vox = np.asarray([v for vox in seed_vox for v in vox], np.int64)
-    pos, parent, radius, seed_of, contacts, seed_node = _scoop(
-        fg.ravel(), dt.ravel(), np.asarray(seed_pos, np.float64).reshape(-1, 3), np.asarray(seed_radius, np.float64),
-        ptr.astype(np.int64), flat_vox, np.asarray(fg.shape, np.int64), voxel, float(scoop))  # fmt: skip
+    rank = _rank_buffer(fg.size)
+    rank[fg_index] = np.arange(1, fg_index.size + 1, dtype=np.int32)
+    try:
+        pos, parent, radius, seed_of, contacts, seed_node = _scoop(
+            rank, fg_depth, np.asarray(seed_pos, np.float64).reshape(-1, 3), np.asarray(seed_radius, np.float64),
+            ptr.astype(np.int64), flat_vox, np.asarray(fg.shape, np.int64), voxel, float(scoop))  # fmt: skip
+    finally:
+        rank[fg_index] = 0  # zero again for the next block
     n = pos.shape[0]
     kind = np.asarray(kinds + ["port"] * len(ports) + ["other"] * (len(seed_pos) - len(kinds) - len(ports)))
     made = seed_node >= 0
@@ -1079,7 +1144,7 @@ def trace_block(
     # A tree is active when its seed voxel is (all of a tree lies in one component).
     seed_first = flat_vox[ptr[:-1]]
     tree_active = np.zeros(n, bool)
-    tree_active[seed_node[seed_node >= 0]] = active.ravel()[seed_first[seed_node >= 0]]
+    tree_active[seed_node[seed_node >= 0]] = active[np.unravel_index(seed_first[seed_node >= 0], fg.shape)]
     is_active = tree_active[seed_of]
     # Trees of one component joined where they met share the activity of the component.
     graph = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(n, n))

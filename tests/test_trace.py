@@ -242,4 +242,27 @@ def test_distance_transform_matches_edt_sparse_or_dense(fill, voxel):
         mask[max(z - r, 0):z + r, max(y - r, 0):y + r, max(x - 3 * r, 0):x + 3 * r] = True
     assert (mask.mean() < SPARSE_FILL) == (fill < SPARSE_FILL)
     expected = edt.edt(mask, anisotropy=voxel, black_border=False, parallel=1)
-    np.testing.assert_array_equal(_distance(mask, np.asarray(voxel)), expected)
+    inside, depth = _distance(mask, np.asarray(voxel))
+    np.testing.assert_array_equal(inside, np.flatnonzero(mask))
+    np.testing.assert_array_equal(depth, expected.ravel()[inside])
+
+
+def test_sparse_components_match_cc3d():
+    """Components of a sparse mask (csgraph) are cc3d's, numbered alike."""
+    import cc3d
+
+    from neurotrace_dask.trace import SPARSE_FILL, _components26
+
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        mask = np.zeros((40, 50, 60), bool)
+        for _ in range(rng.integers(1, 6)):  # random walks: long, branching, touching the border
+            at = rng.integers(0, (40, 50, 60))
+            for _ in range(rng.integers(5, 40)):
+                mask[tuple(at)] = True
+                at = np.clip(at + rng.integers(-1, 2, 3), 0, (39, 49, 59))
+        where = np.flatnonzero(mask)
+        assert where.size < SPARSE_FILL * mask.size
+        labels, n = cc3d.connected_components(mask, connectivity=26, return_N=True)
+        assert _components26(mask, where)[0] == n
+        np.testing.assert_array_equal(_components26(mask, where)[1], labels.ravel()[where])
