@@ -271,27 +271,44 @@ def _shell_distance(mask: np.ndarray, coords: np.ndarray, voxel: np.ndarray) -> 
     so a KD-tree over that shell answers exactly, at a cost that follows the foreground,
     not its box. The same float32 values as ``edt``.
     """
+    scale = np.asarray(voxel, np.float64)
+    # A voxel with background one step along the finest axis is at the least possible distance.
+    finest = np.zeros(len(coords), bool)
     shell = []
     for axis in range(3):
         for step in (-1, 1):
-            near = coords[(coords[:, axis] + step >= 0) & (coords[:, axis] + step < mask.shape[axis])]
+            within = np.flatnonzero((coords[:, axis] + step >= 0) & (coords[:, axis] + step < mask.shape[axis]))
+            near = coords[within]
             near[:, axis] += step
-            shell.append(near[~mask[tuple(near.T)]])
+            out = ~mask[tuple(near.T)]
+            shell.append(near[out])
+            if scale[axis] == scale.min():
+                finest[within[out]] = True
     shell = np.unique(np.ravel_multi_index(tuple(np.concatenate(shell).T), mask.shape))
     shell = np.stack(np.unravel_index(shell, mask.shape), axis=1)
-    scale = np.asarray(voxel, np.float64)
-    _, nearest = cKDTree(shell * scale).query(coords * scale)
-    # Squared distances summed in float32 as edt does, for the same rounding.
-    step = ((coords - shell[nearest]) * scale).astype(np.float32)
-    return np.sqrt((step * step).sum(axis=1, dtype=np.float32))
+    depth = np.empty(len(coords), np.float32)
+    depth[finest] = np.float32(scale.min()) ** 2
+    rest = np.flatnonzero(~finest)
+    _, nearest = cKDTree(shell * scale).query(coords[rest] * scale)
+    step = ((coords[rest] - shell[nearest]) * scale).astype(np.float32)
+    depth[rest] = (step * step).sum(axis=1, dtype=np.float32)  # summed in float32 as edt does: the same rounding
+    return np.sqrt(depth)
 
 
 def _bounding_box(mask: np.ndarray, grow: int = 0) -> tuple[slice, ...] | None:
     """The smallest box holding every ``True`` of ``mask``, grown by ``grow`` (clipped); ``None`` if none."""
-    where = [np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != k))) for k in range(mask.ndim)]
-    if where[0].size == 0:
+    where = np.flatnonzero(mask)
+    if where.size == 0:
         return None
-    return tuple(slice(max(int(w[0]) - grow, 0), min(int(w[-1]) + 1 + grow, n)) for w, n in zip(where, mask.shape))
+    if where.size < SPARSE_FILL * mask.size:  # few voxels: their coordinates are cheaper than projections
+        coords = np.unravel_index(where, mask.shape)
+        ends = [(int(c.min()), int(c.max())) for c in coords]
+    else:
+        ends = []
+        for k in range(mask.ndim):
+            w = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != k)))
+            ends.append((int(w[0]), int(w[-1])))
+    return tuple(slice(max(a - grow, 0), min(b + 1 + grow, n)) for (a, b), n in zip(ends, mask.shape, strict=True))
 
 
 def _label26(mask: np.ndarray) -> tuple[np.ndarray, int]:
@@ -311,18 +328,13 @@ def _components26(mask: np.ndarray, where: np.ndarray) -> tuple[int, np.ndarray]
     if where.size >= SPARSE_FILL * mask.size:
         labels, n = _label26(mask)
         return n, labels.ravel()[where]
-    coords = np.stack(np.unravel_index(where, mask.shape), axis=1)
-    flat, shape = mask.ravel(), np.asarray(mask.shape)
-    first, second = [], []
-    for offset in _OFFSETS[13:]:  # the 13 forward neighbours: each pair once
-        near = coords + offset
-        within = np.flatnonzero(np.all((near >= 0) & (near < shape), axis=1))
-        index = np.ravel_multi_index(tuple(near[within].T), mask.shape)
-        hit = flat[index]
-        first.append(within[hit])
-        second.append(np.searchsorted(where, index[hit]))
-    graph = coo_matrix((np.ones(sum(f.size for f in first), bool), (np.concatenate(first), np.concatenate(second))),
-                       shape=(where.size, where.size))  # fmt: skip
+    rank = _rank_buffer(mask.size)
+    rank[where] = np.arange(1, where.size + 1, dtype=np.int32)
+    try:
+        first, second = _forward_pairs(where, rank, np.asarray(mask.shape, np.int64))
+    finally:
+        rank[where] = 0
+    graph = coo_matrix((np.ones(first.size, bool), (first, second)), shape=(where.size, where.size))
     # csgraph numbers components by their lowest node, here their first voxel in raster order: as cc3d.
     n, component = connected_components(graph, directed=False)
     return int(n), component + 1
@@ -363,17 +375,17 @@ def hysteresis(prob: np.ndarray, high: float, low: float) -> np.ndarray:
     >>> hysteresis(np.array([[[0, 90, 200, 90, 0, 90]]]), 150, 50).astype(int).tolist()
     [[[0, 1, 1, 1, 0, 0]]]
     """
-    return _hysteresis(prob, high, low, ())[0]
+    return _hysteresis(prob, high, prob >= low, ())[0]
 
 
-def _hysteresis(prob: np.ndarray, high: float, low: float,
+def _hysteresis(prob: np.ndarray, high: float, above: np.ndarray,
                 faces: Sequence[tuple[np.ndarray, ...]]) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """:func:`hysteresis`, and with it the components of ``prob >= low`` touching ``faces`` too.
+    """:func:`hysteresis` given ``above = prob >= low``, and with it the components of
+    ``above`` touching ``faces`` too.
 
     ``faces``: index arrays (as from ``np.nonzero``) of the voxels on the shared faces.
     One labelling serves both masks.
     """
-    above = prob >= low
     # Work on the (sparse) voxels above ``low`` only, never gather over the whole block.
     where = np.flatnonzero(above)
     n, label_of = _components26(above, where)
@@ -508,6 +520,24 @@ def _neighbour(v, o, nz, ny, nx):  # pragma: no cover - numba
     if z < 0 or y < 0 or x < 0 or z >= nz or y >= ny or x >= nx:
         return -1
     return (z * ny + y) * nx + x
+
+
+@numba.njit(cache=True)
+def _forward_pairs(where, rank, shape):  # pragma: no cover - numba
+    """Pairs (i, j) of 26-neighbours among the voxels ``where`` (flat, sorted), each pair once:
+    ``rank`` (flat over the block) is 1 + the row in ``where`` of each voxel, 0 elsewhere."""
+    nz, ny, nx = shape[0], shape[1], shape[2]
+    first = np.empty(13 * where.shape[0], np.int64)
+    second = np.empty(13 * where.shape[0], np.int64)
+    m = 0
+    for i in range(where.shape[0]):
+        for o in range(13, 26):  # the forward half of the neighbourhood
+            u = _neighbour(where[i], o, nz, ny, nx)
+            if u >= 0 and rank[u] > 0:
+                first[m] = i
+                second[m] = rank[u] - 1
+                m += 1
+    return first[:m], second[:m]
 
 
 @numba.njit(cache=True)
@@ -1058,7 +1088,8 @@ def trace_block(
                    bridge_angle=bridge_angle, bridge_min_mean=bridge_min_mean)  # fmt: skip
     # A sparse block is traced at the cost of its foreground's extent: first the box of
     # everything >= low (no labelling of empty space), then the box of what hysteresis keeps.
-    box = _bounding_box(prob >= low, grow=1)
+    above = prob >= low
+    box = _bounding_box(above, grow=1)
     if box is None:
         return empty
     if math.prod(b.stop - b.start for b in box) < 0.5 * prob.size:
@@ -1072,7 +1103,7 @@ def trace_block(
             plane = [np.arange(s.start, s.stop) for s in inner]
             plane[k // 2] = np.array([inner[k // 2].stop - 1 if k % 2 else inner[k // 2].start])
             faces.append(tuple(g.ravel() for g in np.meshgrid(*plane, indexing="ij")))
-    active_all, fg_all = _hysteresis(prob, high, low, faces)
+    active_all, fg_all = _hysteresis(prob, high, above, faces)
     if not fg_all[inner].any():
         return empty
     box = _bounding_box(fg_all, grow=1)
