@@ -113,8 +113,11 @@ def _break_cycles(n: int, edges: np.ndarray, confidence: np.ndarray) -> tuple[np
         return edges, edges
     weight = 2.0 - np.minimum(confidence[edges[:, 0]], confidence[edges[:, 1]])  # >= 1: never zero
     forest = minimum_spanning_tree(coo_matrix((weight, (edges[:, 0], edges[:, 1])), shape=(n, n))).tocoo()
-    kept = {(min(a, b), max(a, b)) for a, b in zip(forest.row.tolist(), forest.col.tolist(), strict=True)}
-    in_forest = np.array([(min(a, b), max(a, b)) in kept for a, b in edges.tolist()], bool)
+
+    def key(a: np.ndarray, b: np.ndarray) -> np.ndarray:  # one number per undirected edge
+        return np.minimum(a, b).astype(np.int64) * n + np.maximum(a, b)
+
+    in_forest = np.isin(key(edges[:, 0], edges[:, 1]), key(forest.row, forest.col))
     return edges[in_forest], edges[~in_forest]
 
 
@@ -126,11 +129,18 @@ def _low_confidence_stretches(frags: Fragments, threshold: float, min_nodes: int
     _, labels = connected_components(coo_matrix((np.ones(len(e)), (e[:, 0], e[:, 1])), shape=(n, n)), directed=False)
     rows = []
     voxel = np.asarray(frags.voxel_size)
-    for lab in np.unique(labels[low]):
-        members = np.flatnonzero((labels == lab) & low)
+    # Low nodes and low edges grouped by component (stable: ascending nodes, edges in order).
+    nodes = np.flatnonzero(low)
+    if nodes.size == 0:
+        return rows
+    nodes = nodes[np.argsort(labels[nodes], kind="stable")]
+    node_groups = np.split(nodes, np.flatnonzero(np.diff(labels[nodes])) + 1)
+    e = e[np.argsort(labels[e[:, 0]], kind="stable")]
+    edge_bounds = np.searchsorted(labels[e[:, 0]], [labels[g[0]] for g in node_groups] + [n])
+    for k, members in enumerate(node_groups):
         if members.size < min_nodes:
             continue
-        inside = e[np.isin(e[:, 0], members)]
+        inside = e[edge_bounds[k]:edge_bounds[k + 1]]
         length = float(np.linalg.norm((frags.positions[inside[:, 0]] - frags.positions[inside[:, 1]]) * voxel,
                                       axis=1).sum())  # fmt: skip
         mid = frags.positions[members[len(members) // 2]]

@@ -716,10 +716,11 @@ def _scoop(rank, depth, seed_pos, seed_radius, seed_ptr, seed_vox, shape, voxel,
 
 
 def _adjacency(n: int, edges: np.ndarray) -> list[list[int]]:
+    """Neighbours of each of ``n`` nodes, in the order of ``edges``."""
     adj: list[list[int]] = [[] for _ in range(n)]
-    for a, b in edges:
-        adj[int(a)].append(int(b))
-        adj[int(b)].append(int(a))
+    for a, b in np.asarray(edges).reshape(-1, 2).tolist():  # Python ints: no numpy scalars in the loop
+        adj[a].append(b)
+        adj[b].append(a)
     return adj
 
 

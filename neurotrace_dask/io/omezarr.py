@@ -19,8 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from ome_zarr.format import FormatV05
-from ome_zarr.writer import write_multiscales_metadata
 from zarr.codecs import BloscCodec, BloscShuffle
 
 from .. import __version__
@@ -225,6 +223,11 @@ def write_image_metadata(
             fill_value=0,
             dimension_names=AXES,
         )
+    # Imported here: ome_zarr pulls in dask.array and takes half a second, which every
+    # worker process reading a block would otherwise pay.
+    from ome_zarr.format import FormatV05
+    from ome_zarr.writer import write_multiscales_metadata
+
     datasets = [
         {"path": str(level), "coordinateTransformations": [{"type": "scale", "scale": list(layout.voxel_sizes[level])}]}
         for level in range(layout.levels)
