@@ -715,13 +715,21 @@ def _scoop(rank, depth, seed_pos, seed_radius, seed_ptr, seed_vox, shape, voxel,
 # --------------------------------------------------------------------------- graph helpers
 
 
-def _adjacency(n: int, edges: np.ndarray) -> list[list[int]]:
-    """Neighbours of each of ``n`` nodes, in the order of ``edges``."""
-    adj: list[list[int]] = [[] for _ in range(n)]
-    for a, b in np.asarray(edges).reshape(-1, 2).tolist():  # Python ints: no numpy scalars in the loop
-        adj[a].append(b)
-        adj[b].append(a)
-    return adj
+class _Adjacency:
+    """Neighbours of each of ``n`` nodes, in the order of ``edges``: ``adj[i]`` is a list.
+
+    Kept as one CSR pair of Python lists rather than a list per node, whose tens of
+    thousands of objects mostly fed the garbage collector on large graphs.
+    """
+
+    def __init__(self, n: int, edges: np.ndarray) -> None:
+        ends = np.asarray(edges, np.int64).reshape(-1, 2)
+        self.degree = np.bincount(ends.ravel(), minlength=n)
+        self._next = ends[:, ::-1].ravel()[np.argsort(ends.ravel(), kind="stable")].tolist()
+        self._start = np.concatenate([[0], np.cumsum(self.degree)]).tolist()
+
+    def __getitem__(self, i: int) -> list[int]:
+        return self._next[self._start[i]:self._start[i + 1]]
 
 
 def _prune_spurs(pos_um: np.ndarray, radius: np.ndarray, edges: np.ndarray, soma: np.ndarray,
@@ -734,18 +742,19 @@ def _prune_spurs(pos_um: np.ndarray, radius: np.ndarray, edges: np.ndarray, soma
     keep = np.ones(n, bool)
     if factor <= 0:
         return keep
+    points = pos_um.tolist()  # the walks below touch Python objects only, not numpy scalars
     for _ in range(2):  # a second pass catches spurs exposed by the first
         live = edges[keep[edges[:, 0]] & keep[edges[:, 1]]]
-        adj = _adjacency(n, live)
-        deg = np.array([len(a) for a in adj])
+        adj = _Adjacency(n, live)
+        deg = adj.degree.copy()
         removed = False
-        for tip in np.flatnonzero((deg == 1) & keep & ~soma):
-            path, prev, cur, length = [int(tip)], -1, int(tip), 0.0
+        for tip in np.flatnonzero((deg == 1) & keep & ~soma).tolist():
+            path, prev, cur, length = [tip], -1, tip, 0.0
             while True:
                 nxt = [w for w in adj[cur] if w != prev and keep[w]]
                 if len(nxt) != 1:
                     break
-                length += float(np.linalg.norm(pos_um[nxt[0]] - pos_um[cur]))
+                length += math.dist(points[nxt[0]], points[cur])
                 prev, cur = cur, nxt[0]
                 if deg[cur] != 2 or soma[cur]:
                     break
@@ -789,7 +798,7 @@ def gap_mean(values: np.ndarray, gap: np.ndarray) -> float:
     return float(values[gap].mean() if gap.any() else values.mean())
 
 
-def _tip_direction(pos_um: np.ndarray, adj: list[list[int]], tip: int, steps: int = 3) -> np.ndarray | None:
+def _tip_direction(pos_um: np.ndarray, adj: _Adjacency, tip: int, steps: int = 3) -> np.ndarray | None:
     prev, cur = -1, tip
     for _ in range(steps):
         nxt = [w for w in adj[cur] if w != prev]
@@ -828,7 +837,7 @@ def bridge_tips(
     if distance <= 0 or n < 2:
         return edges, []
     pos_um = pos * voxel
-    adj = _adjacency(n, edges)
+    adj = _Adjacency(n, edges)
     _, comp = connected_components(coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(n, n)),
                                    directed=False)  # fmt: skip
     root = np.arange(comp.max() + 1)
@@ -839,7 +848,7 @@ def bridge_tips(
             c = int(root[c])
         return c
 
-    tips = [i for i in range(n) if len(adj[i]) == 1 and not fixed[i]]
+    tips = np.flatnonzero((adj.degree == 1) & ~np.asarray(fixed, bool)).tolist()
     direction = {t: _tip_direction(pos_um, adj, t) for t in tips}
     cos_max = math.cos(math.radians(angle))
     tree = cKDTree(pos_um)
@@ -878,12 +887,11 @@ def bridge_tips(
 
 def _smooth(pos: np.ndarray, edges: np.ndarray, fixed: np.ndarray) -> np.ndarray:
     """One 3-node moving average over degree-2 nodes; ends, branch points and ``fixed`` stay."""
-    n = pos.shape[0]
-    adj = _adjacency(n, edges)
+    adj = _Adjacency(pos.shape[0], edges)
+    inner = np.flatnonzero((adj.degree == 2) & ~np.asarray(fixed, bool))
+    ends = np.array([adj[i] for i in inner.tolist()], np.int64).reshape(-1, 2)
     out = pos.copy()
-    for i in range(n):
-        if len(adj[i]) == 2 and not fixed[i]:
-            out[i] = (pos[adj[i][0]] + pos[i] + pos[adj[i][1]]) / 3
+    out[inner] = (pos[ends[:, 0]] + pos[inner] + pos[ends[:, 1]]) / 3
     return out
 
 
