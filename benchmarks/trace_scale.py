@@ -7,9 +7,12 @@ Gaussian, times 255. Then, on a fresh LocalCluster of ``--workers`` single-threa
 processes per volume size:
 
 - ``neurotrace trace`` by blocks + stitch (``trace_volume``), timed end to end (reading
-  Zarr included): voxels per second per worker core, and each worker's peak RSS;
-- the same volume at a quarter of the size, to show that worker memory does not grow with
-  the volume;
+  Zarr included): voxels per second per worker core, and each worker's peak RSS; then
+  once more on the same workers ("warm": without each fresh worker process's one-off
+  imports and compiled-code loading, as every block after the first of a long run sees it);
+- the same at a quarter of the size (a quarter of the neurons, each smaller, so sparser
+  blocks), and that quarter map tiled 2 x 2: four times the volume with the same blocks, to
+  show that worker memory does not grow with the volume;
 - kimimaro chunked the igneous way (``benchmarks/peers/kimimaro_chunked.py``: chunks of the
   same shape overlapping by one voxel, ``fix_borders``, ``simple_merge`` + ``consolidate`` +
   ``postprocess``) on the mask ``prob >= trace.low``, in the peers' venv, one process: its
@@ -26,6 +29,7 @@ Prints a table and writes ``benchmarks/results/trace_scale.json``::
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import resource
@@ -87,11 +91,17 @@ def _peak_rss_mb() -> float:
 
 def run_ours(prob: Path, out: Path, block: int, workers: int) -> dict:
     cluster = ClusterConfig(local=LocalClusterConfig(n_workers=workers, threads_per_worker=1, processes=True))
+    config = TraceConfig(block=(block,) * 3, overwrite=True)
     with open_client(cluster) as client:
         start = time.perf_counter()
-        result = trace_volume(prob, out, TraceConfig(block=(block,) * 3, overwrite=True), client=client)
+        result = trace_volume(prob, out, config, client=client)
         seconds = time.perf_counter() - start
         rss = sorted(client.run(_peak_rss_mb).values())
+        # Again on the same workers: without the one-off start-up of each fresh worker process
+        # (imports, compiled-code cache), as the blocks after the first of a long run see it.
+        start = time.perf_counter()
+        trace_volume(prob, out, config, client=client)
+        warm_seconds = time.perf_counter() - start
     # The stitch alone, again, from the fragment records: its time and peak allocations.
     tracemalloc.start()
     start = time.perf_counter()
@@ -102,7 +112,27 @@ def run_ours(prob: Path, out: Path, block: int, workers: int) -> dict:
     tracemalloc.stop()
     return {"seconds": seconds, "blocks": result.blocks, "empty_blocks": result.empty, "neurons": result.neurons,
             "worker_peak_rss_mb": rss, "voxels_per_s_per_core": math.prod(result.shape) / seconds / workers,
+            "warm_seconds": warm_seconds, "warm_voxels_per_s_per_core": math.prod(result.shape) / warm_seconds / workers,
             "stitch_seconds": stitch_s, "stitch_peak_mb": stitch_mb, "stitch_nodes": neurons.fragments.n_nodes}
+
+
+def tile_probability(prob: Path, out: Path, tiles: tuple[int, int, int] = (1, 2, 2)) -> tuple[int, ...]:
+    """``prob`` repeated ``tiles`` times along (z, y, x) as a new map: the volume grows, the
+    content of its blocks does not (copied stored chunk by stored chunk); returns the shape."""
+    source = zarr.open_array(prob / "0", mode="r")
+    shape = tuple(n * t for n, t in zip(source.shape, tiles, strict=True))
+    layout = plan_layout(shape, np.uint8, VOXEL, levels=1, chunks=source.chunks)
+    write_image_metadata(out, layout, name="p(neurite), stand-in tiled")
+    target = zarr.open_array(out / "0", mode="r+")
+    for region in BlockGrid(source.shape, (128, 256, 256), align=source.chunks):
+        data = np.asarray(source[region.write])
+        if data.any():
+            for tile in itertools.product(*(range(t) for t in tiles)):
+                at = tuple(slice(r.start + k * n, r.stop + k * n)
+                           for r, k, n in zip(region.write, tile, source.shape, strict=True))  # fmt: skip
+                target[at] = data
+    mark_complete(out)
+    return shape
 
 
 def export_chunks(prob: Path, folder: Path, block: int, low: float) -> int:
@@ -165,6 +195,10 @@ def main() -> None:
             ours["f1"] = f1(scene.gold, work / "traced" / "neurons.swc")
             row = {"shape": shape, "voxels": math.prod(shape), "neurons": n_neurons, "foreground_fraction": fraction,
                    "render_seconds": render_s, "ours": ours}  # fmt: skip
+            if shape == quarter:  # memory control: 4x the volume, the same blocks
+                tiled_shape = tile_probability(work / "prob.ome.zarr", work / "tiled.ome.zarr")
+                tiled = run_ours(work / "tiled.ome.zarr", work / "tiled", args.block, args.workers)
+                row["tiled_2x2"] = {"shape": tiled_shape, **tiled}
             if not args.no_peer and PEERS.exists():
                 peer = run_kimimaro(work / "prob.ome.zarr", work, args.block, TraceConfig().low)
                 if peer["status"] == "ok":
@@ -174,22 +208,29 @@ def main() -> None:
                 row["kimimaro"] = peer
             rows.append(row)
             shutil.rmtree(work)
-    print(f"\n{'shape':>16} {'fg %':>6} {'ours s':>7} {'Mvox/s/core':>11} {'worker RSS MB':>15} {'F1':>5} "
-          f"{'kimimaro s':>10} {'F1':>5} {'ratio':>6}")  # fmt: skip
+    print(f"\n{'shape':>16} {'fg %':>6} {'ours s':>7} {'Mvox/s/core':>11} {'warm s':>7} {'warm Mvox/s/core':>16} "
+          f"{'worker RSS MB':>15} {'F1':>5} {'kimimaro s':>10} {'F1':>5} {'ratio':>6}")  # fmt: skip
     for r in rows:
         o, k = r["ours"], r.get("kimimaro", {})
-        print(f"{'x'.join(map(str, r['shape'])):>16} {100 * r['foreground_fraction']:6.3f} {o['seconds']:7.1f} "
-              f"{o['voxels_per_s_per_core'] / 1e6:11.1f} {max(o['worker_peak_rss_mb']):15.0f} {o['f1']:5.3f} "
+        print(f"{'x'.join(map(str, r['shape'])):>16} {100 * r['foreground_fraction']:6.3f} {o['seconds']:7.2f} "
+              f"{o['voxels_per_s_per_core'] / 1e6:11.1f} {o['warm_seconds']:7.2f} "
+              f"{o['warm_voxels_per_s_per_core'] / 1e6:16.1f} {max(o['worker_peak_rss_mb']):15.0f} {o['f1']:5.3f} "
               f"{k.get('seconds', float('nan')):10.1f} {k.get('f1', float('nan')):5.3f} "
               f"{r.get('speed_ratio_vs_kimimaro_per_core', float('nan')):6.2f}")  # fmt: skip
     growth = max(rows[1]["ours"]["worker_peak_rss_mb"]) / max(rows[0]["ours"]["worker_peak_rss_mb"])
-    print(f"worker peak RSS, 4x the volume: x{growth:.2f}; ratio = kimimaro seconds / (ours seconds x workers)")
+    tiled = rows[0]["tiled_2x2"]
+    tiled_growth = max(tiled["worker_peak_rss_mb"]) / max(rows[0]["ours"]["worker_peak_rss_mb"])
+    print(f"worker peak RSS, 4x the volume: x{growth:.2f} (denser scene), x{tiled_growth:.2f} (the quarter map tiled "
+          f"2x2: {max(tiled['worker_peak_rss_mb']):.0f} MB, {tiled['voxels_per_s_per_core'] / 1e6:.1f} Mvox/s/core, "
+          f"warm {tiled['warm_voxels_per_s_per_core'] / 1e6:.1f})")
+    print("ratio = kimimaro seconds / (ours seconds x workers)")
     for r in rows:
         o = r["ours"]
         print(f"stitch of {'x'.join(map(str, r['shape']))}: {o['stitch_nodes']} nodes, {o['stitch_seconds']:.2f} s, "
               f"peak {o['stitch_peak_mb']:.1f} MB allocated")
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"rows": rows, "rss_growth_4x_volume": growth, "workers": args.workers,
+    args.json.write_text(json.dumps({"rows": rows, "rss_growth_4x_volume": growth,
+                                     "rss_growth_4x_volume_same_blocks": tiled_growth, "workers": args.workers,
                                      "block": args.block, "python": sys.version.split()[0]}, indent=1, default=str))
     print(f"wrote {args.json}")
 

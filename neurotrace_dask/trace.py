@@ -88,9 +88,10 @@ Float3 = tuple[float, float, float]
 #: Fields of :attr:`Fragments.bridges`: the gap's midpoint (voxels), length and mean probability (0-255).
 BRIDGE_DTYPE = np.dtype([("z", "f8"), ("y", "f8"), ("x", "f8"), ("length_um", "f8"), ("mean_probability", "f8")])
 
-#: Below this foreground fill of its box, the distance transform searches from the foreground's
-#: voxels (about 2 us each) rather than sweeping the box (about 30 ns per voxel); measured on
-#: tubes and spheres, where the two cost the same near 1.5%.
+#: Below this fill, a mask is handled as a list of its voxels rather than swept whole: the
+#: distance transform searches from the foreground's voxels (about 2 us each) instead of
+#: sweeping its box (about 30 ns per voxel; the two cost the same near 1.5% on tubes and
+#: spheres), and components and boxes come from the voxels too.
 SPARSE_FILL = 0.01
 
 
@@ -355,11 +356,13 @@ _workspace = threading.local()
 
 
 def _rank_buffer(size: int) -> np.ndarray:
-    """A flat int32 array of ``size`` zeros, kept per thread and handed back zeroed.
+    """A flat int32 array of ``size`` zeros, kept per thread; callers hand it back zeroed.
 
-    :func:`_scoop` reads it at random over the whole block; fresh zeroed memory would cost
-    a page fault and a page clearing at every first touch, more than the scooping itself on
-    a sparse block, so each worker thread pays for the pages once.
+    It maps a block's voxels to rows of its foreground list (:func:`_scoop`,
+    :func:`_components26`), read at random over the whole block. Fresh zeroed memory would
+    cost a page fault and a page clearing at every first touch, more than the scooping
+    itself on a sparse block, so each worker thread pays for the pages once (and keeps
+    4 bytes per voxel of the largest block it traced: 96 MB for 256^3 plus halo).
     """
     buffer = getattr(_workspace, "rank", None)
     if buffer is None or buffer.size < size:
@@ -547,8 +550,7 @@ def _scoop(rank, depth, seed_pos, seed_radius, seed_ptr, seed_vox, shape, voxel,
     ``rank`` (flat int32 over the block): 0 for background, else 1 + the voxel's row in
     ``depth``, the distance transform (um) of the foreground's voxels. Everything else is
     kept per foreground voxel, so a sparse block costs its foreground, not its volume.
-    Seed ``i``
-    is a node at ``seed_pos[i]`` (voxels) of radius ``seed_radius[i]`` whose first
+    Seed ``i`` is a node at ``seed_pos[i]`` (voxels) of radius ``seed_radius[i]`` whose first
     cluster is the voxels ``seed_vox[seed_ptr[i]:seed_ptr[i + 1]]`` (flat indices; taken
     voxels are skipped, and a seed with none left makes no node).
     Returns positions (k, 3), parent (k,), radius (k,), seed_of (k,): row of the seed node
