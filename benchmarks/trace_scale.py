@@ -3,13 +3,14 @@
 A multi-neuron synthetic scene is written as a probability map to OME-Zarr, block by block
 on Dask (chunks holding only zeros are never stored). The probability map is a stand-in
 until trained weights are measured here: each neuron's label mask blurred by a 1-voxel
-Gaussian, times 255. Then, on a fresh LocalCluster of ``--workers`` single-threaded
-processes per volume size:
+Gaussian, times 255. Then, for each volume size:
 
-- ``neurotrace trace`` by blocks + stitch (``trace_volume``), timed end to end (reading
-  Zarr included): voxels per second per worker core, and each worker's peak RSS; then
-  once more on the same workers ("warm": without each fresh worker process's one-off
-  imports and compiled-code loading, as every block after the first of a long run sees it);
+- ``neurotrace trace`` by blocks + stitch (``trace_volume``) on a fresh LocalCluster of
+  ``--workers`` single-threaded processes, timed end to end (reading Zarr included):
+  voxels per second per worker core, and each worker's peak RSS; then once more on the
+  same workers ("warm": without each fresh worker process's one-off imports and
+  compiled-code loading, as every block after the first of a long run sees it). Both
+  ``--repeat`` times (this machine is noisy): medians, and every run in the JSON;
 - the same at a quarter of the size (a quarter of the neurons, each smaller, so sparser
   blocks), and that quarter map tiled 2 x 2: four times the volume with the same blocks, to
   show that worker memory does not grow with the volume;
@@ -89,19 +90,23 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_ours(prob: Path, out: Path, block: int, workers: int) -> dict:
+def run_ours(prob: Path, out: Path, block: int, workers: int, repeat: int) -> dict:
+    """Trace ``prob`` ``repeat`` times, each on a fresh cluster ("cold") and then again on the
+    same workers ("warm"); medians of both, every run's seconds, the highest worker peak RSS."""
     cluster = ClusterConfig(local=LocalClusterConfig(n_workers=workers, threads_per_worker=1, processes=True))
     config = TraceConfig(block=(block,) * 3, overwrite=True)
-    with open_client(cluster) as client:
-        start = time.perf_counter()
-        result = trace_volume(prob, out, config, client=client)
-        seconds = time.perf_counter() - start
-        rss = sorted(client.run(_peak_rss_mb).values())
-        # Again on the same workers: without the one-off start-up of each fresh worker process
-        # (imports, compiled-code cache), as the blocks after the first of a long run see it.
-        start = time.perf_counter()
-        trace_volume(prob, out, config, client=client)
-        warm_seconds = time.perf_counter() - start
+    cold, warm, rss = [], [], []
+    for _ in range(repeat):
+        with open_client(cluster) as client:
+            start = time.perf_counter()
+            result = trace_volume(prob, out, config, client=client)
+            cold.append(time.perf_counter() - start)
+            rss = max(rss, sorted(client.run(_peak_rss_mb).values()), key=lambda r: max(r, default=0))
+            # Again on the same workers: without the one-off start-up of each fresh worker
+            # process (imports, compiled-code cache), as the blocks after the first of a long run see it.
+            start = time.perf_counter()
+            trace_volume(prob, out, config, client=client)
+            warm.append(time.perf_counter() - start)
     # The stitch alone, again, from the fragment records: its time and peak allocations.
     tracemalloc.start()
     start = time.perf_counter()
@@ -110,10 +115,12 @@ def run_ours(prob: Path, out: Path, block: int, workers: int) -> dict:
     stitch_s = time.perf_counter() - start
     stitch_mb = tracemalloc.get_traced_memory()[1] / 2**20
     tracemalloc.stop()
-    return {"seconds": seconds, "blocks": result.blocks, "empty_blocks": result.empty, "neurons": result.neurons,
-            "worker_peak_rss_mb": rss, "voxels_per_s_per_core": math.prod(result.shape) / seconds / workers,
-            "warm_seconds": warm_seconds, "warm_voxels_per_s_per_core": math.prod(result.shape) / warm_seconds / workers,
-            "stitch_seconds": stitch_s, "stitch_peak_mb": stitch_mb, "stitch_nodes": neurons.fragments.n_nodes}
+    seconds, warm_seconds, voxels = float(np.median(cold)), float(np.median(warm)), math.prod(result.shape)
+    return {"seconds": seconds, "seconds_all": cold, "blocks": result.blocks, "empty_blocks": result.empty,
+            "neurons": result.neurons, "worker_peak_rss_mb": rss, "voxels_per_s_per_core": voxels / seconds / workers,
+            "warm_seconds": warm_seconds, "warm_seconds_all": warm,
+            "warm_voxels_per_s_per_core": voxels / warm_seconds / workers, "stitch_seconds": stitch_s,
+            "stitch_peak_mb": stitch_mb, "stitch_nodes": neurons.fragments.n_nodes}  # fmt: skip
 
 
 def tile_probability(prob: Path, out: Path, tiles: tuple[int, int, int] = (1, 2, 2)) -> tuple[int, ...]:
@@ -175,6 +182,7 @@ def main() -> None:
     parser.add_argument("--neurons", type=int, default=16, help="neurons in the full-size volume")
     parser.add_argument("--block", type=int, default=256)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs of ours per map (medians reported)")
     parser.add_argument("--no-peer", action="store_true", help="skip kimimaro")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks/results/trace_scale.json")
     args = parser.parse_args()
@@ -191,13 +199,13 @@ def main() -> None:
                 start = time.perf_counter()
                 fraction = write_probability(scene, work / "prob.ome.zarr", c)
                 render_s = time.perf_counter() - start
-            ours = run_ours(work / "prob.ome.zarr", work / "traced", args.block, args.workers)
+            ours = run_ours(work / "prob.ome.zarr", work / "traced", args.block, args.workers, args.repeat)
             ours["f1"] = f1(scene.gold, work / "traced" / "neurons.swc")
             row = {"shape": shape, "voxels": math.prod(shape), "neurons": n_neurons, "foreground_fraction": fraction,
                    "render_seconds": render_s, "ours": ours}  # fmt: skip
             if shape == quarter:  # memory control: 4x the volume, the same blocks
                 tiled_shape = tile_probability(work / "prob.ome.zarr", work / "tiled.ome.zarr")
-                tiled = run_ours(work / "tiled.ome.zarr", work / "tiled", args.block, args.workers)
+                tiled = run_ours(work / "tiled.ome.zarr", work / "tiled", args.block, args.workers, args.repeat)
                 row["tiled_2x2"] = {"shape": tiled_shape, **tiled}
             if not args.no_peer and PEERS.exists():
                 peer = run_kimimaro(work / "prob.ome.zarr", work, args.block, TraceConfig().low)
