@@ -160,6 +160,23 @@ def test_interrupted_conversion_resumes(tmp_path, client):
     assert {k: v for k, v in fresh.items() if k != "zarr.json"} == {k: v for k, v in resumed.items() if k != "zarr.json"}
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16, np.float32])
+@pytest.mark.parametrize("factors", [(1, 2, 2), (2, 2, 2), (3, 1, 4), (1, 1, 1)])
+def test_downsample_mean_is_the_rounded_window_mean(dtype, factors):
+    """Every window's mean (partial windows at the far edges), rounded half up for integers."""
+    rng = np.random.default_rng(1)
+    block = rng.integers(0, 256 if dtype == np.uint8 else 40000, (5, 7, 9)).astype(dtype)
+    out = downsample_mean(block, factors)
+    assert out.dtype == block.dtype and out.shape == tuple(-(-n // f) for n, f in zip(block.shape, factors))
+    for index in np.ndindex(*out.shape):
+        window = block[tuple(slice(i * f, (i + 1) * f) for i, f in zip(index, factors))].astype(np.float64)
+        mean = window.sum() / window.size
+        if block.dtype.kind == "f":
+            assert np.isclose(out[index], mean, rtol=1e-6), index
+        else:
+            assert out[index] == np.floor(mean + 0.5), index
+
+
 def test_task_blocks_are_bounded():
     # Whole-brain plane, uint16: one task stays near the byte budget whatever the volume size.
     for shape in [(100, 2000, 2000), (20000, 40000, 30000)]:
