@@ -95,6 +95,18 @@ BRIDGE_DTYPE = np.dtype([("z", "f8"), ("y", "f8"), ("x", "f8"), ("length_um", "f
 SPARSE_FILL = 0.01
 
 
+def _exact_spacing(voxel: Sequence[float]) -> bool:
+    """Whether voxel edges are small binary fractions (0.25, 0.5, 0.75, 1, 1.5, 2.5 um...).
+
+    Then squared distances are exact in float32 and the shell search gives edt's values bit
+    for bit. Otherwise (0.3, 0.33 um...) the two round differently in the last bit, and a
+    soma seen by two blocks that took different paths could get two different centres:
+    such voxel sizes always use edt.
+    """
+    units = [float(v) * 256 for v in voxel]
+    return all(u == int(u) and int(u) // (int(u) & -int(u)) <= 7 for u in units if u > 0)
+
+
 @dataclass(eq=False)
 class Fragments:
     """Traced neurite graph of one block.
@@ -248,14 +260,15 @@ def _distance(mask: np.ndarray, voxel: np.ndarray) -> tuple[np.ndarray, np.ndarr
     Computed on the foreground's bounding box grown by one voxel (exact: every voxel beyond
     it is background, and the grown box holds the nearest of them), so a sparse block costs
     little; where the foreground fills under ``SPARSE_FILL`` of that box (thin neurites
-    crossing a block), from the foreground's voxels alone (:func:`_shell_distance`).
+    crossing a block) and the voxel size allows it (:func:`_exact_spacing`), from the
+    foreground's voxels alone (:func:`_shell_distance`), with the same values.
     """
     inside = np.flatnonzero(mask)
     if inside.size == 0:
         return inside, np.zeros(0, np.float32)
     coords = np.stack(np.unravel_index(inside, mask.shape), axis=1)
     low, high = np.maximum(coords.min(axis=0) - 1, 0), np.minimum(coords.max(axis=0) + 2, mask.shape)
-    if inside.size < SPARSE_FILL * np.prod(high - low):
+    if inside.size < SPARSE_FILL * np.prod(high - low) and _exact_spacing(voxel):
         return inside, _shell_distance(mask, coords, voxel)
     crop = np.ascontiguousarray(mask[tuple(slice(a, b) for a, b in zip(low, high, strict=True))])
     # No background anywhere (a solid block): measure to the block's border instead.
@@ -270,7 +283,8 @@ def _shell_distance(mask: np.ndarray, coords: np.ndarray, voxel: np.ndarray) -> 
     The nearest background voxel of a foreground voxel always has a foreground face
     neighbour (one step from it towards the voxel would otherwise be nearer background),
     so a KD-tree over that shell answers exactly, at a cost that follows the foreground,
-    not its box. The same float32 values as ``edt``.
+    not its box. For voxel sizes passing :func:`_exact_spacing`, the same float32 values
+    as ``edt``.
     """
     scale = np.asarray(voxel, np.float64)
     # A voxel with background one step along the finest axis is at the least possible distance.
@@ -292,7 +306,7 @@ def _shell_distance(mask: np.ndarray, coords: np.ndarray, voxel: np.ndarray) -> 
     rest = np.flatnonzero(~finest)
     _, nearest = cKDTree(shell * scale).query(coords[rest] * scale)
     step = ((coords[rest] - shell[nearest]) * scale).astype(np.float32)
-    depth[rest] = (step * step).sum(axis=1, dtype=np.float32)  # summed in float32 as edt does: the same rounding
+    depth[rest] = (step * step).sum(axis=1, dtype=np.float32)  # exact for exact spacings: as edt
     return np.sqrt(depth)
 
 
@@ -323,8 +337,8 @@ def _components26(mask: np.ndarray, where: np.ndarray) -> tuple[int, np.ndarray]
     of each component's first voxel) of the voxels ``where = np.flatnonzero(mask)``.
 
     Below ``SPARSE_FILL`` the graph of the set voxels and their forward neighbours goes to
-    ``scipy.sparse.csgraph``, at a cost that follows the voxels; above it, cc3d labels the
-    whole array.
+    ``scipy.sparse.csgraph``, at a cost that follows the voxels (``mask`` then only gives
+    the shape: ``where`` must be exactly its voxels); above it, cc3d labels the whole array.
     """
     if where.size >= SPARSE_FILL * mask.size:
         labels, n = _label26(mask)
@@ -479,7 +493,7 @@ _OFFSETS = np.array([(a, b, c) for a in (-1, 0, 1) for b in (-1, 0, 1) for c in 
 
 @numba.njit(cache=True)
 def _label_argmax(labels, values, n):  # pragma: no cover - numba
-    """Flat index of the largest value of each label 1..n (first in raster order on ties).
+    """Index into ``labels`` of the largest value of each label 1..n (the first on ties).
 
     One pass; ``ndimage.maximum_position`` sorts the whole volume instead.
     """
@@ -1137,10 +1151,10 @@ def trace_block(
     # (their face voxels, hung from the soma's centre), ports, the given seeds, then one
     # per foreground component not reached yet (its deepest voxel).
     seed_pos, seed_radius, seed_vox, kinds = [], [], [], []
-    for centre, depth, is_owned, faces_vox in zip(somata, soma_depth, owned, at_soma, strict=True):
+    for centre, centre_depth, is_owned, faces_vox in zip(somata, soma_depth, owned, at_soma, strict=True):
         if is_owned or faces_vox:
             seed_pos.append(centre)
-            seed_radius.append(depth)
+            seed_radius.append(centre_depth)
             seed_vox.append([int(np.ravel_multi_index(tuple(centre), fg.shape))] if is_owned else faces_vox)
             kinds.append("soma" if is_owned else "soma port")
     singles = list(ports)

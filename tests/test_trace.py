@@ -226,25 +226,30 @@ def test_anisotropic_voxels_measure_in_micrometres():
 
 
 @pytest.mark.parametrize("fill", [0.002, 0.05])
-@pytest.mark.parametrize("voxel", [(1.0, 1.0, 1.0), (2.5, 0.5, 0.7)])
-def test_distance_transform_matches_edt_sparse_or_dense(fill, voxel):
-    """Both paths of the distance transform (shell search below SPARSE_FILL, edt above) give
-    edt's float32 values, foreground on the array's border included."""
+@pytest.mark.parametrize("voxel", [(1.0, 1.0, 1.0), (2.5, 0.5, 0.75), (0.3, 0.3, 0.3), (1.0, 0.33, 0.33)])
+def test_distance_transform_is_edt_bit_for_bit(fill, voxel):
+    """The distance transform (shell search below SPARSE_FILL where the voxel size is exact in
+    float32, edt otherwise) gives edt's float32 values: deep balls, thin tubes, the border."""
     import edt
 
-    from neurotrace_dask.trace import SPARSE_FILL, _distance
+    from neurotrace_dask.trace import SPARSE_FILL, _distance, _exact_spacing, _shell_distance
 
     rng = np.random.default_rng(3)
-    mask = np.zeros((30, 40, 50), bool)
-    while mask.mean() < fill:  # blobs and tubes, some cut by the border
-        z, y, x = rng.integers(0, (30, 40, 50))
-        r = rng.integers(1, 4)
-        mask[max(z - r, 0):z + r, max(y - r, 0):y + r, max(x - 3 * r, 0):x + 3 * r] = True
+    shape = (40, 90, 90)
+    mask = np.zeros(shape, bool)
+    z, y, x = np.ogrid[:40, :90, :90]
+    mask |= (z - 20) ** 2 + (y - 45) ** 2 + (x - 45) ** 2 <= 7**2  # 7 voxels deep
+    while mask.mean() < fill:  # tubes, some cut by the border
+        a, b = rng.integers(0, 40), rng.integers(0, 90)
+        mask[max(a - 1, 0):a + 1, max(b - 1, 0):b + 1, :] = True
     assert (mask.mean() < SPARSE_FILL) == (fill < SPARSE_FILL)
     expected = edt.edt(mask, anisotropy=voxel, black_border=False, parallel=1)
     inside, depth = _distance(mask, np.asarray(voxel))
     np.testing.assert_array_equal(inside, np.flatnonzero(mask))
     np.testing.assert_array_equal(depth, expected.ravel()[inside])
+    if _exact_spacing(voxel):  # the search itself, whichever path the fill picks
+        coords = np.stack(np.unravel_index(inside, shape), axis=1)
+        np.testing.assert_array_equal(_shell_distance(mask, coords, np.asarray(voxel)), expected.ravel()[inside])
 
 
 def test_sparse_components_match_cc3d():
