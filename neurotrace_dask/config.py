@@ -222,7 +222,7 @@ class TraceConfig(_Strict):
     high: Annotated[float, Field(ge=0, le=255)] = 128.0
     low: Annotated[float, Field(ge=0, le=255)] = 64.0
     soma_radius: Positive = 2.5  # distance-transform depth of a soma
-    scoop: Positive = 1.0  # scooping distance in local diameters
+    scoop: Positive = 0.5  # scooping distance in local diameters
     spur_factor: NonNegative = 1.0  # prune terminal branches shorter than this many local diameters
     min_length: NonNegative = 3.0  # drop fragments with less cable and no soma
     smooth: bool = True  # 3-node moving average along paths

@@ -1031,7 +1031,7 @@ def trace_block(
     inner: Sequence[slice] | None = None,
     port_faces: Sequence[bool] = (False,) * 6,
     soma_radius: float = 2.5,
-    scoop: float = 1.0,
+    scoop: float = 0.5,
     spur_factor: float = 1.0,
     min_length: float = 3.0,
     smooth: bool = True,
@@ -1066,7 +1066,9 @@ def trace_block(
     soma_radius : float
         Distance-transform depth (um) above which a maximum is a soma.
     scoop : float
-        Scooping distance in local diameters (nodes every ~``scoop`` x radius).
+        Scooping distance in local diameters (nodes every ~``scoop`` x diameter). The
+        default 0.5 (one node per local radius) follows curved neurites closer than 1.0
+        did: higher length-F1 and weak-branch recall on the accuracy benchmark.
     spur_factor : float
         Terminal branches shorter than this many local diameters are pruned (0: keep).
     min_length : float
