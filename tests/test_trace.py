@@ -271,3 +271,16 @@ def test_sparse_components_match_cc3d():
         labels, n = cc3d.connected_components(mask, connectivity=26, return_N=True)
         assert _components26(mask, where)[0] == n
         np.testing.assert_array_equal(_components26(mask, where)[1], labels.ravel()[where])
+
+
+def test_trace_block_defaults_are_the_config_defaults():
+    """``trace_block``'s keyword defaults (what benchmarks and notebooks call) match ``TraceConfig``."""
+    import inspect
+
+    from neurotrace_dask.config import TraceConfig
+
+    config = TraceConfig()
+    shared = {name: p.default for name, p in inspect.signature(trace_block).parameters.items()
+              if name in TraceConfig.model_fields}  # fmt: skip
+    assert len(shared) >= 10
+    assert shared == {name: getattr(config, name) for name in shared}
