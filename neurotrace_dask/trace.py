@@ -731,6 +731,13 @@ def _scoop(rank, depth, seed_pos, seed_radius, seed_ptr, seed_vox, shape, voxel,
 # --------------------------------------------------------------------------- graph helpers
 
 
+def _csr(n: int, edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Neighbour lists of ``n`` nodes as CSR arrays ``(start, neighbours)``, in the order of ``edges``."""
+    ends = np.asarray(edges, np.int64).reshape(-1, 2)
+    start = np.concatenate([[0], np.cumsum(np.bincount(ends.ravel(), minlength=n))])
+    return start, ends[:, ::-1].ravel()[np.argsort(ends.ravel(), kind="stable")]
+
+
 class _Adjacency:
     """Neighbours of each of ``n`` nodes, in the order of ``edges``: ``adj[i]`` is a list.
 
@@ -739,13 +746,50 @@ class _Adjacency:
     """
 
     def __init__(self, n: int, edges: np.ndarray) -> None:
-        ends = np.asarray(edges, np.int64).reshape(-1, 2)
-        self.degree = np.bincount(ends.ravel(), minlength=n)
-        self._next = ends[:, ::-1].ravel()[np.argsort(ends.ravel(), kind="stable")].tolist()
-        self._start = np.concatenate([[0], np.cumsum(self.degree)]).tolist()
+        start, neighbours = _csr(n, edges)
+        self.degree = np.diff(start)
+        self._next, self._start = neighbours.tolist(), start.tolist()
 
     def __getitem__(self, i: int) -> list[int]:
         return self._next[self._start[i]:self._start[i + 1]]
+
+
+@numba.njit(cache=True)
+def _prune_pass(start, neighbours, keep, held, pos_um, radius, factor):  # pragma: no cover - numba
+    """One pass of :func:`_prune_spurs` over the live graph (CSR ``start``, ``neighbours``):
+    from every tip, walk to the first node that is not a plain path node; drop the walk
+    when it ends at a branch point (or a held node) nearer than ``factor`` local diameters
+    and holds no held node. Updates ``keep``; whether anything was dropped."""
+    n = keep.shape[0]
+    degree = start[1:] - start[:-1]
+    path = np.empty(n, np.int64)
+    removed = False
+    tips = np.flatnonzero((degree == 1) & keep & ~held)
+    for tip in tips:
+        path[0] = tip
+        size, prev, cur, length = 1, -1, tip, 0.0
+        while True:
+            count, step = 0, -1
+            for k in range(start[cur], start[cur + 1]):
+                w = neighbours[k]
+                if w != prev and keep[w]:
+                    count += 1
+                    step = w
+            if count != 1:
+                break
+            length += math.sqrt((pos_um[step, 0] - pos_um[cur, 0]) ** 2 + (pos_um[step, 1] - pos_um[cur, 1]) ** 2
+                                + (pos_um[step, 2] - pos_um[cur, 2]) ** 2)  # fmt: skip
+            prev, cur = cur, step
+            if degree[cur] != 2 or held[cur]:
+                break
+            path[size] = cur
+            size += 1
+        if degree[cur] >= 3 or (held[cur] and cur != tip):
+            if length < factor * 2.0 * radius[cur] and not held[path[:size]].any():
+                keep[path[:size]] = False
+                degree[cur] -= 1
+                removed = True
+    return removed
 
 
 def _prune_spurs(pos_um: np.ndarray, radius: np.ndarray, edges: np.ndarray, soma: np.ndarray,
@@ -754,33 +798,13 @@ def _prune_spurs(pos_um: np.ndarray, radius: np.ndarray, edges: np.ndarray, soma
 
     ``soma`` marks held nodes: never pruned, and a branch holding one is kept.
     """
-    n = pos_um.shape[0]
-    keep = np.ones(n, bool)
+    keep = np.ones(pos_um.shape[0], bool)
     if factor <= 0:
         return keep
-    points = pos_um.tolist()  # the walks below touch Python objects only, not numpy scalars
     for _ in range(2):  # a second pass catches spurs exposed by the first
-        live = edges[keep[edges[:, 0]] & keep[edges[:, 1]]]
-        adj = _Adjacency(n, live)
-        deg = adj.degree.copy()
-        removed = False
-        for tip in np.flatnonzero((deg == 1) & keep & ~soma).tolist():
-            path, prev, cur, length = [tip], -1, tip, 0.0
-            while True:
-                nxt = [w for w in adj[cur] if w != prev and keep[w]]
-                if len(nxt) != 1:
-                    break
-                length += math.dist(points[nxt[0]], points[cur])
-                prev, cur = cur, nxt[0]
-                if deg[cur] != 2 or soma[cur]:
-                    break
-                path.append(cur)
-            if deg[cur] >= 3 or (soma[cur] and cur != tip):
-                if length < factor * 2.0 * radius[cur] and not soma[path].any():
-                    keep[path] = False
-                    deg[cur] -= 1
-                    removed = True
-        if not removed:
+        start, neighbours = _csr(keep.size, edges[keep[edges[:, 0]] & keep[edges[:, 1]]])
+        if not _prune_pass(start, neighbours, keep, np.asarray(soma, bool), np.ascontiguousarray(pos_um, np.float64),
+                           np.asarray(radius, np.float64), float(factor)):  # fmt: skip
             break
     return keep
 
