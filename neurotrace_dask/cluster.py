@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -96,7 +97,11 @@ def get_client(config: ClusterConfig | None = None) -> Client:
     # distributed sets MALLOC_TRIM_THRESHOLD_ in worker processes, which fixes glibc's mmap
     # threshold low: every chunk buffer then page-faults fresh memory, and Zarr writes ran
     # 2.5x slower than in this process (measured). Block tasks have bounded memory anyway.
-    with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
+    with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}), \
+            warnings.catch_warnings():  # fmt: skip
+        # A busy dashboard port (another cluster on this machine) only moves the dashboard,
+        # whose link the client reports: not worth three lines of warning before any output.
+        warnings.filterwarnings("ignore", message="Port .* is already in use", category=UserWarning)
         cluster = LocalCluster(
             n_workers=local.n_workers,
             threads_per_worker=local.threads_per_worker,

@@ -123,6 +123,25 @@ def test_bad_slice_found_mid_run_is_one_line(tmp_path):
     assert not (tmp_path / "out.ome.zarr").exists()
 
 
+def test_busy_dashboard_port_is_not_the_users_concern(tmp_path):
+    # Another cluster on this machine holds the dashboard port: the dashboard moves quietly.
+    import socket
+
+    holder = socket.socket()
+    try:
+        holder.bind(("127.0.0.1", 8787))
+        holder.listen(1)
+    except OSError:
+        pass  # someone holds it already: the same situation
+    tifffile.imwrite(tmp_path / "stack.tif", np.full((6, 32, 32), 7, np.uint8))
+    try:
+        result = run("convert", str(tmp_path / "stack.tif"), str(tmp_path / "out.ome.zarr"), "--workers", "1")
+    finally:
+        holder.close()
+    assert result.returncode == 0, result.stderr
+    assert "already in use" not in result.stderr and "Warning" not in result.stderr, result.stderr
+
+
 def test_evaluate(tmp_path):
     # Gold: a straight line of 20 voxels; test: its first half. Voxel size from the headers.
     line = np.stack([np.zeros(21), np.zeros(21), np.arange(21.0)], axis=1)  # z, y, x
