@@ -30,6 +30,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -85,31 +87,26 @@ def monai_sliding_window(model: torch.nn.Module, volume: np.ndarray, roi: tuple[
     return time.perf_counter() - started
 
 
-class WorkerMemory:
-    """Samples the RSS of the cluster's worker processes every 50 ms; keeps each one's peak."""
+@contextmanager
+def worker_memory(pids: list[int]) -> Iterator[dict[int, int]]:
+    """Peak RSS (bytes) of each of the cluster's worker processes, sampled every 50 ms while inside."""
+    processes, peak, stop = [psutil.Process(p) for p in pids], {p: 0 for p in pids}, threading.Event()
 
-    def __init__(self, pids: list[int]) -> None:
-        self.processes = [psutil.Process(p) for p in pids]
-        self.peak = {p: 0 for p in pids}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            for process in self.processes:
+    def sample() -> None:
+        while not stop.wait(0.05):
+            for process in processes:
                 try:
-                    self.peak[process.pid] = max(self.peak[process.pid], process.memory_info().rss)
+                    peak[process.pid] = max(peak[process.pid], process.memory_info().rss)
                 except psutil.NoSuchProcess:
                     pass
-            time.sleep(0.05)
 
-    def __enter__(self) -> WorkerMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield peak
+    finally:
+        stop.set()
+        thread.join()
 
 
 def main() -> int:
@@ -144,7 +141,7 @@ def main() -> int:
             # CPU like the other two, and every block computed (no background skipping) for equal work.
             config = PredictConfig(checkpoint=checkpoint, block=block, halo=args.halo, device="cpu",
                                    skip_background=False)  # fmt: skip
-            with WorkerMemory(pids) as memory:
+            with worker_memory(pids) as worker_peak:
                 result = predict(image, Path(tmp) / f"prob_{text}.ome.zarr", config, client=client)
             roi = tuple(min(b + 2 * args.halo, n) for b, n in zip(block, shape))
             monai = monai_sliding_window(model, volume, roi, args.halo, norm)
@@ -157,7 +154,7 @@ def main() -> int:
                 "monai_voxels_per_s": voxels / monai,
                 "blocked_over_bare": bare / result.seconds,
                 "blocked_over_monai": monai / result.seconds,
-                "worker_peak_rss_mb": max(memory.peak.values()) / 2**20,
+                "worker_peak_rss_mb": max(worker_peak.values()) / 2**20,
                 "blocks": result.blocks,
             }
             rows.append(row)
