@@ -12,14 +12,15 @@ How the join works
    soma places on its centre): an exact join, not a nearest-neighbour guess. The one
    exception are *twins*: a neurite running inside a shared face plane is traced by both
    blocks, a voxel apart, so nodes near a face from different blocks closer than one voxel
-   are merged too. Joined neurons without an *active* node (one whose foreground reached
-   the high threshold) are dropped: hysteresis across blocks.
+   are merged too.
 2. **Cycles are broken** by keeping the maximum spanning forest of edge confidence (the
    lower confidence of its two nodes); each dropped edge is listed for review.
 3. **Gaps across block faces are bridged** like tips inside a block
    (:func:`neurotrace_dask.trace.bridge_tips`: KD-tree search, direction and mean
    probability along the bridge), but only between nodes of different blocks: gaps inside
-   a block were already considered by its own tracer.
+   a block were already considered by its own tracer. Then joined neurons without an
+   *active* node (one whose foreground reached the high threshold) are dropped: hysteresis
+   across blocks, after bridging, as inside a block.
 4. **Spurs** shorter than the local diameter are pruned and fragments with less than
    ``min_length`` um of cable and no soma are dropped; each tree is rooted at its largest
    soma.
@@ -226,14 +227,6 @@ def join_fragments(
     _, edges = _renumber(keep, edges)
     pos, radius, confidence, soma, port, active, fused, block = (
         a[keep] for a in (pos, radius, confidence, soma, port, active, fused, block))
-    # Hysteresis across blocks: a neuron needs a bright voxel somewhere.
-    n = pos.shape[0]
-    _, comp = connected_components(coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(n, n)),
-                                   directed=False)  # fmt: skip
-    keep = (np.bincount(comp, weights=active) > 0)[comp]
-    _, edges = _renumber(keep, edges)
-    pos, radius, confidence, soma, port, fused, block = (
-        a[keep] for a in (pos, radius, confidence, soma, port, fused, block))
     n = pos.shape[0]
 
     # 2. Cycles: keep the most confident edges.
@@ -254,6 +247,13 @@ def join_fragments(
         for z, y, x, length, mean in records_:
             review.append(dict(kind="bridge", z=z, y=y, x=x, length_um=length, confidence=mean / 255,
                                risk=_bridge_risk(length, mean, bridge_distance)))  # fmt: skip
+
+    # Hysteresis across blocks, after bridging: a neuron needs a bright voxel somewhere.
+    _, comp = connected_components(coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(n, n)),
+                                   directed=False)  # fmt: skip
+    keep = (np.bincount(comp, weights=active) > 0)[comp]
+    _, edges = _renumber(keep, edges)
+    pos, radius, confidence, soma, port = pos[keep], radius[keep], confidence[keep], soma[keep], port[keep]
 
     # 4. Spurs (ports are interior now) and short fragments.
     keep = _prune_spurs(pos * voxel, radius, edges, soma, spur_factor)

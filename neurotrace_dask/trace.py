@@ -6,16 +6,19 @@ pure function on a numpy block; Dask, files and the CLI live elsewhere.
 
 How it works
 ------------
-1. **Foreground by hysteresis**: voxels ``>= high`` seed, 26-connected voxels ``>= low``
-   grow. Dim neurites attached to bright ones survive; isolated dim specks do not.
+1. **Foreground**: every 26-connected component of ``prob >= low``; those holding a voxel
+   ``>= high`` are *active*. Hysteresis is applied after bridging (step 5): dim stretches
+   attached to a bright neurite, directly or by a bridged gap, survive; isolated dim
+   stretches do not.
 2. **Seeds**, in priority order: somata (maxima of the Euclidean distance transform,
    in um, deeper than ``soma_radius``), the given ``seeds``, then one seed per
    foreground component not reached yet (its deepest voxel).
 3. **Scooping** (numba): every seed starts a front. A front repeatedly takes the
    unvisited foreground voxels 26-adjacent to its current cluster (the next layer) and
    splits them into 26-connected clusters. Two or more clusters make a branch point
-   (a node at the current cluster's centroid); none makes a tip. All fronts advance
-   one layer per round, so several seeds share a component fairly.
+   (the children hang from the front's last node, at most one scooping distance back:
+   no extra node, so no kink); none makes a tip (a node at the cluster's centroid). All
+   fronts advance one layer per round, so several seeds share a component fairly.
    *Scooping distance*: a front emits a node only once its cluster centroid ``c`` is
    ``scoop * 2 * r`` away from the last node ``p`` (``r``: the cluster's own
    radius, from the distance transform, at least one voxel) -- so there is one node
@@ -32,7 +35,8 @@ How it works
    ``bridge_distance`` um when the bridge turns less than ``bridge_angle`` degrees from
    the tip's direction (and from the other tip's, if it links to a tip) and the mean
    probability sampled along the straight bridge is ``>= bridge_min_mean``. Every
-   bridge is recorded for review.
+   bridge is recorded for review. Then fragments with no active node are dropped, except
+   near a shared block face (the stitch decides those, after bridging across the face).
 6. **Smoothing**: a 3-node moving average along paths (ends and branch points fixed).
 
 Examples
@@ -133,9 +137,9 @@ class Fragments:
         Node is a port: a voxel on a face shared with a neighbouring block, where the
         neighbour's fragments join (same global integer position on both sides).
     active : (n,) bool
-        Node's foreground component holds a voxel ``>= high`` in this block's view. Inactive
-        fragments (dim, touching a shared face) are kept only if the stitch joins them to
-        an active one: that is hysteresis across blocks.
+        Node's fragment (its foreground components, joined by bridges) holds a voxel
+        ``>= high`` in this block's view. Inactive fragments (dim, near a shared face) are
+        kept only if the stitch joins them to an active one: hysteresis across blocks.
     """
 
     positions: np.ndarray
@@ -392,35 +396,19 @@ def hysteresis(prob: np.ndarray, high: float, low: float) -> np.ndarray:
     >>> hysteresis(np.array([[[0, 90, 200, 90, 0, 90]]]), 150, 50).astype(int).tolist()
     [[[0, 1, 1, 1, 0, 0]]]
     """
-    return _hysteresis(prob, high, prob >= low, ())[0]
+    return _hysteresis(prob, high, prob >= low)
 
 
-def _hysteresis(prob: np.ndarray, high: float, above: np.ndarray,
-                faces: Sequence[tuple[np.ndarray, ...]]) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """:func:`hysteresis` given ``above = prob >= low``, and with it the components of
-    ``above`` touching ``faces`` too.
-
-    ``faces``: index arrays (as from ``np.nonzero``) of the voxels on the shared faces.
-    One labelling serves both masks.
-    """
+def _hysteresis(prob: np.ndarray, high: float, above: np.ndarray) -> np.ndarray:
+    """:func:`hysteresis` given ``above = prob >= low``."""
     # Work on the (sparse) voxels above ``low`` only, never gather over the whole block.
     where = np.flatnonzero(above)
     n, label_of = _components26(above, where)
     active = np.zeros(n + 1, bool)
     active[label_of[prob[above] >= high]] = True
-    touching = active.copy()
-    for face in faces:
-        on_face = np.ravel_multi_index(face, prob.shape)
-        touching[_lookup(where, label_of, on_face[above.ravel()[on_face]])] = True
-    touching[0] = False
-
-    def paint(keep: np.ndarray) -> np.ndarray:
-        out = np.zeros(prob.shape, bool)
-        out.ravel()[where[keep[label_of]]] = True
-        return out
-
-    active_mask = paint(active)
-    return active_mask, (paint(touching) if faces else active_mask)
+    out = np.zeros(prob.shape, bool)
+    out.ravel()[where[active[label_of]]] = True
+    return out
 
 
 def _residual(image: np.ndarray, voxel: np.ndarray, background_sigma: float) -> np.ndarray:
@@ -673,11 +661,10 @@ def _scoop(rank, depth, seed_pos, seed_radius, seed_ptr, seed_vox, shape, voxel,
             child_end[nc] = pool_n
             nc += 1
         pz, py, px = pos[p, 0], pos[p, 1], pos[p, 2]
-        if nc != 1:
-            # A tip (no child) or a branch point: a node at the current cluster's centroid.
+        if nc == 0:
+            # A tip: a node at the current cluster's centroid.
             cz, cy, cx, rc = _centroid(pool, start, end, shape, rank, depth)
             d = math.sqrt(((cz - pz) * voxel[0]) ** 2 + ((cy - py) * voxel[1]) ** 2 + ((cx - px) * voxel[2]) ** 2)
-            b = p
             if d >= 0.5 * vmin:
                 pos[nn, 0] = cz
                 pos[nn, 1] = cy
@@ -685,12 +672,17 @@ def _scoop(rank, depth, seed_pos, seed_radius, seed_ptr, seed_vox, shape, voxel,
                 parent[nn] = p
                 radius[nn] = rc
                 seed_of[nn] = seed_of[p]
-                b = nn
                 nn += 1
+            continue
+        if nc > 1:
+            # A branch point: the children hang from the last node, at most one scooping
+            # distance back. A node at the centroid would put a kink before every split
+            # (tiny ones on a rough surface too), and kinks bend the tip directions that
+            # bridging relies on.
             for c in range(nc):
                 queue[qtail, 0] = child_start[c]
                 queue[qtail, 1] = child_end[c]
-                queue[qtail, 2] = b
+                queue[qtail, 2] = p
                 queue[qtail, 3] = end - start
                 qtail += 1
             continue
@@ -1137,29 +1129,24 @@ def trace_block(
     options = dict(voxel_size=voxel_size, high=high, low=low, soma_radius=soma_radius, scoop=scoop,
                    spur_factor=spur_factor, min_length=min_length, smooth=smooth, bridge_distance=bridge_distance,
                    bridge_angle=bridge_angle, bridge_min_mean=bridge_min_mean)  # fmt: skip
-    # A sparse block is traced at the cost of its foreground's extent: first the box of
-    # everything >= low (no labelling of empty space), then the box of what hysteresis keeps.
+    # A sparse block is traced at the cost of its foreground's extent: the box of everything
+    # >= low (no labelling of empty space), holding the shared faces within bridging reach.
     above = prob >= low
     box = _bounding_box(above, grow=1)
     if box is None:
         return empty
+    box = _reach_faces(box, inner, port_faces, np.ceil(bridge_distance / voxel).astype(int))
     if math.prod(b.stop - b.start for b in box) < 0.5 * prob.size:
         return _trace_cropped(prob, box, inner, port_faces, origin, seeds, **options)
-    # Hysteresis is global: a dim stretch may reach its bright seed through another block.
-    # So the components of ``prob >= low`` that touch a shared face are traced too, marked
-    # inactive; the stitch drops joined neurons with no active node.
-    faces = []
-    for k, shared in enumerate(port_faces):
-        if shared:
-            plane = [np.arange(s.start, s.stop) for s in inner]
-            plane[k // 2] = np.array([inner[k // 2].stop - 1 if k % 2 else inner[k // 2].start])
-            faces.append(tuple(g.ravel() for g in np.meshgrid(*plane, indexing="ij")))
-    active_all, fg_all = _hysteresis(prob, high, above, faces)
+    # Hysteresis after bridging: every component of ``prob >= low`` is traced, and those
+    # holding a voxel ``>= high`` are *active*. A dim stretch cut off by a darker gap joins
+    # its bright neurite when a bridge reaches it; what stays inactive is dropped below,
+    # unless it lies near a shared face (it may reach its bright part through another
+    # block: the stitch drops joined neurons with no active node, after its own bridging).
+    fg_all = above
     if not fg_all[inner].any():
         return empty
-    box = _bounding_box(fg_all, grow=1)
-    if math.prod(b.stop - b.start for b in box) < 0.5 * prob.size:
-        return _trace_cropped(prob, box, inner, port_faces, origin, seeds, **options)
+    active_all = _hysteresis(prob, high, above)
     # From here on the foreground is a list of voxels (flat indices, sorted) with values
     # beside them: the passes cost the foreground, not the block.
     inside_all, depth_all = _distance(fg_all, voxel)
@@ -1243,10 +1230,18 @@ def trace_block(
 
     edges, records = bridge_tips(pos, voxel, edges, held, sample, distance=bridge_distance, angle=bridge_angle,
                                  min_mean=bridge_min_mean)  # fmt: skip
-    # Drop short fragments without a soma or port (noise specks, lone seeds).
+    # Drop short fragments without a soma or port (noise specks, lone seeds), and fragments
+    # that are inactive, bridges included, unless near a shared face.
     comp, lengths = _component_lengths(pos * voxel, edges)
     anchored = np.bincount(comp, weights=held, minlength=lengths.size) > 0
-    keep = (lengths >= min_length)[comp] | anchored[comp]
+    is_active = (np.bincount(comp, weights=is_active, minlength=lengths.size) > 0)[comp]
+    near_face = np.zeros(pos.shape[0], bool)
+    for k, shared in enumerate(port_faces):
+        if shared:
+            plane = fg.shape[k // 2] - 1 if k % 2 else 0
+            near_face |= np.abs(pos[:, k // 2] - plane) * voxel[k // 2] <= bridge_distance
+    reachable = np.bincount(comp, weights=is_active | near_face, minlength=lengths.size) > 0
+    keep = ((lengths >= min_length) | anchored)[comp] & reachable[comp]
     _, edges = _renumber(keep, edges)
     pos, radius, soma, port, held, is_active = pos[keep], radius[keep], soma[keep], port[keep], held[keep], is_active[keep]
     if smooth and pos.shape[0]:
@@ -1267,6 +1262,24 @@ def trace_block(
             bridges[name] += off[k]
     return Fragments(pos + off, radius, confidence, edges, on_face, soma, bridges, active=is_active,
                      voxel_size=tuple(float(v) for v in voxel), port=port)  # fmt: skip
+
+
+def _reach_faces(box: tuple[slice, ...], inner: tuple[slice, ...], port_faces: Sequence[bool],
+                 reach: np.ndarray) -> tuple[slice, ...]:  # fmt: skip
+    """``box`` grown to hold every shared face plane of ``inner`` within ``reach`` voxels of it.
+
+    The tracer keeps inactive fragments near shared faces (the stitch may join them to a
+    bright part in the next block): a cropped trace must see those faces as the whole
+    block does.
+    """
+    box = list(box)
+    for k, shared in enumerate(port_faces):
+        axis = k // 2
+        plane = inner[axis].stop - 1 if k % 2 else inner[axis].start
+        b = box[axis]
+        if shared and b.start - reach[axis] <= plane < b.stop + reach[axis]:
+            box[axis] = slice(min(b.start, plane), max(b.stop, plane + 1))
+    return tuple(box)
 
 
 def _trace_cropped(prob: np.ndarray, box: tuple[slice, ...], inner: tuple[slice, ...], port_faces: Sequence[bool],

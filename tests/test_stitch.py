@@ -22,7 +22,7 @@ from neurotrace_dask.io.omezarr import mark_complete, plan_layout, write_image_m
 from neurotrace_dask.io.swc import read_swc
 from neurotrace_dask.stitch import join_fragments
 from neurotrace_dask.synth import random_morphology, random_scene, render, render_to_zarr, scene_from_swc
-from neurotrace_dask.trace import Fragments, trace_block, trace_grid_block, trace_volume
+from neurotrace_dask.trace import Fragments, gap_mean, line_voxels, trace_block, trace_grid_block, trace_volume
 
 NEUROTRACE = str(Path(sys.executable).with_name("neurotrace"))
 VOXEL = (1.0, 0.5, 0.5)
@@ -116,6 +116,30 @@ def test_a_neurite_crossing_a_face_several_times():
     assert blocked.to_swc().n_trees == 1
     assert_no_duplicates(blocked)
     assert agreement(one, blocked) >= 0.99
+
+
+@pytest.mark.parametrize("face_x", [32, 36, 44])
+def test_a_dim_stretch_in_the_next_block_joins_when_bridged(face_x):
+    # Bright tube in the first block, a gap (40, below low) around x = 33-36, a dim stretch
+    # (90: >= low, never >= high) beyond: the dim stretch lies in the second block (in
+    # part or whole), so only the stitch's bridging can make it active. Wherever the face
+    # falls, the neuron comes out whole; an isolated dim stretch never does.
+    prob = np.zeros((16, 40, 80), np.uint8)
+    prob[6:11, 8:13, 4:33] = 200
+    prob[6:11, 8:13, 33:37] = 40
+    prob[6:11, 8:13, 37:76] = 90
+    prob[6:11, 28:33, 4:76] = 90  # dim, isolated
+    grid = BlockGrid(prob.shape, (16, 40, face_x), halo=4)
+    records = [trace_grid_block(prob[b.read], b, prob.shape, voxel_size=(1, 1, 1)) for b in grid]
+    assert len(records) >= 2
+
+    def sample(a, b):
+        idx = tuple(line_voxels(a, b, prob.shape).T)
+        return gap_mean(prob[idx], prob[idx] < 64)
+
+    swc = join_fragments(records, sample=sample).fragments.to_swc()
+    assert swc.n_trees == 1 and swc.zyx[:, 1].max() < 15
+    assert swc.zyx[:, 2].min() <= 6 and swc.zyx[:, 2].max() >= 72
 
 
 def test_neurons_stay_separate_unless_they_touch():

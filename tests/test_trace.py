@@ -93,6 +93,24 @@ def test_hysteresis_keeps_attached_dim_segments_only():
     assert abs(swc.cable_length() - 59) <= 6
 
 
+@pytest.mark.parametrize("gap_value, kept", [(40, True), (0, False)])
+def test_a_dim_stretch_beyond_a_gap_joins_when_bridged(gap_value, kept):
+    # Hysteresis after bridging: a dim stretch (90: >= low, never >= high) cut off from its
+    # bright neurite by a darker gap is kept when a bridge reaches it (the gap at 40 passes
+    # the default bar of 32), and dropped when none does (a gap of 0). A dim stretch that no
+    # bridge reaches is never kept.
+    vol = tube((16, 40, 80), (8, 10, 5), (8, 10, 30), 1.5, value=200)
+    vol = np.maximum(vol, tube(vol.shape, (8, 10, 31), (8, 10, 33), 1.5, value=gap_value))
+    tube(vol.shape, (8, 10, 34), (8, 10, 70), 1.5, value=90, out=vol)
+    tube(vol.shape, (8, 30, 5), (8, 30, 70), 1.5, value=90, out=vol)  # dim, isolated
+    frags = trace_block(vol, high=150, low=64)
+    swc = frags.to_swc()
+    assert swc.n_trees == 1 and swc.zyx[:, 1].max() < 15
+    assert frags.bridges.size == int(kept)
+    assert (swc.zyx[:, 2].max() >= 66) == kept and swc.zyx[:, 2].min() <= 8
+    assert frags.active.all()
+
+
 def gapped_tube(gap_value=60):
     vol = tube((16, 30, 70), (8, 15, 5), (8, 15, 30), 1.5)
     tube(vol.shape, (8, 15, 34), (8, 15, 64), 1.5, out=vol)
