@@ -411,6 +411,50 @@ def _hysteresis(prob: np.ndarray, high: float, above: np.ndarray) -> np.ndarray:
     return out
 
 
+def _within_reach(prob: np.ndarray, high: float, above: np.ndarray, inner: tuple[slice, ...],
+                  port_faces: Sequence[bool], reach: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """The components of ``above`` worth tracing, and the active ones among them (two masks).
+
+    Active components (holding a voxel ``>= high``) are; so are inactive ones within
+    ``reach`` voxels (per axis, box to box) of a shared face of ``inner`` or of a component
+    worth tracing, since only a bridge (or, at a face, a port) can make an inactive fragment
+    count and a bridge is never longer than ``reach``. The others would be dropped whatever
+    happened, so not tracing them changes nothing but the cost: a block of dim specks
+    costs their labelling, not their tracing.
+    """
+    where = np.flatnonzero(above)
+    n, label_of = _components26(above, where)
+    active = np.zeros(n + 1, bool)
+    active[label_of[prob[above] >= high]] = True
+    coords = np.stack(np.unravel_index(where, prob.shape), axis=1)
+    order = np.argsort(label_of, kind="stable")
+    starts = np.searchsorted(label_of[order], np.arange(1, n + 1))
+    lo, hi = np.minimum.reduceat(coords[order], starts), np.maximum.reduceat(coords[order], starts)
+    keep = active.copy()
+    for k, shared in enumerate(port_faces):
+        if shared:
+            axis = k // 2
+            plane = inner[axis].stop - 1 if k % 2 else inner[axis].start
+            keep[1:] |= (lo[:, axis] <= plane + reach[axis]) & (hi[:, axis] >= plane - reach[axis])
+    # Grow the set through chains of components, each within reach of the last.
+    frontier = np.flatnonzero(keep[1:])
+    while frontier.size:
+        rest = np.flatnonzero(~keep[1:])
+        near = np.zeros(rest.size, bool)
+        for chunk in np.array_split(frontier, max(1, frontier.size * rest.size // 2**20)):
+            a, b = lo[chunk, None] - reach, hi[chunk, None] + reach
+            near |= np.all((lo[rest] <= b) & (hi[rest] >= a), axis=2).any(axis=0)
+        frontier = rest[near]
+        keep[1 + frontier] = True
+
+    def paint(which: np.ndarray) -> np.ndarray:
+        out = np.zeros(prob.shape, bool)
+        out.ravel()[where[which[label_of]]] = True
+        return out
+
+    return paint(keep), paint(active)
+
+
 def _residual(image: np.ndarray, voxel: np.ndarray, background_sigma: float) -> np.ndarray:
     img = np.asarray(image, np.float32)
     return ndimage.gaussian_filter(img, 1.0) - ndimage.gaussian_filter(img, background_sigma / voxel)
@@ -1129,24 +1173,28 @@ def trace_block(
     options = dict(voxel_size=voxel_size, high=high, low=low, soma_radius=soma_radius, scoop=scoop,
                    spur_factor=spur_factor, min_length=min_length, smooth=smooth, bridge_distance=bridge_distance,
                    bridge_angle=bridge_angle, bridge_min_mean=bridge_min_mean)  # fmt: skip
-    # A sparse block is traced at the cost of its foreground's extent: the box of everything
-    # >= low (no labelling of empty space), holding the shared faces within bridging reach.
+    # A sparse block is traced at the cost of its foreground's extent: first the box of
+    # everything >= low (no labelling of empty space), then the box of what can be kept;
+    # each holds the shared faces within bridging reach.
     above = prob >= low
     box = _bounding_box(above, grow=1)
     if box is None:
         return empty
-    box = _reach_faces(box, inner, port_faces, np.ceil(bridge_distance / voxel).astype(int))
+    reach = np.ceil(bridge_distance / voxel).astype(np.int64)
+    box = _reach_faces(box, inner, port_faces, reach)
     if math.prod(b.stop - b.start for b in box) < 0.5 * prob.size:
         return _trace_cropped(prob, box, inner, port_faces, origin, seeds, **options)
-    # Hysteresis after bridging: every component of ``prob >= low`` is traced, and those
+    # Hysteresis after bridging: the components of ``prob >= low`` are traced, and those
     # holding a voxel ``>= high`` are *active*. A dim stretch cut off by a darker gap joins
     # its bright neurite when a bridge reaches it; what stays inactive is dropped below,
     # unless it lies near a shared face (it may reach its bright part through another
     # block: the stitch drops joined neurons with no active node, after its own bridging).
-    fg_all = above
+    fg_all, active_all = _within_reach(prob, high, above, inner, port_faces, reach)
     if not fg_all[inner].any():
         return empty
-    active_all = _hysteresis(prob, high, above)
+    box = _reach_faces(_bounding_box(fg_all, grow=1), inner, port_faces, reach)
+    if math.prod(b.stop - b.start for b in box) < 0.5 * prob.size:
+        return _trace_cropped(prob, box, inner, port_faces, origin, seeds, **options)
     # From here on the foreground is a list of voxels (flat indices, sorted) with values
     # beside them: the passes cost the foreground, not the block.
     inside_all, depth_all = _distance(fg_all, voxel)

@@ -111,6 +111,27 @@ def test_a_dim_stretch_beyond_a_gap_joins_when_bridged(gap_value, kept):
     assert frags.active.all()
 
 
+def test_dim_chains_are_followed_and_far_specks_change_nothing():
+    # A bright tube, then three dim dashes (90) across darker gaps (40), each gap bridged
+    # in turn: the last dash lies beyond bridging reach of the bright part, reached only
+    # through the others. Dim specks far from all of it can never be kept, so they are not
+    # traced: the result is the same with and without them.
+    vol = tube((16, 60, 90), (8, 10, 5), (8, 10, 30), 1.5, value=200)
+    vol = np.maximum(vol, tube(vol.shape, (8, 10, 31), (8, 10, 85), 1.5, value=40))
+    for start, stop in [(34, 45), (49, 60), (64, 82)]:
+        tube(vol.shape, (8, 10, start), (8, 10, stop), 1.5, value=90, out=vol)
+    specks = np.zeros_like(vol)
+    rng = np.random.default_rng(0)
+    for z, y, x in zip(rng.integers(2, 14, 40), rng.integers(30, 58, 40), rng.integers(2, 88, 40), strict=True):
+        specks[z, y, x : x + rng.integers(1, 8)] = 90
+    frags = trace_block(np.maximum(vol, specks), high=150, low=64)
+    assert frags.to_swc().n_trees == 1 and frags.bridges.size == 3
+    assert frags.positions[:, 2].max() >= 78
+    alone = trace_block(vol, high=150, low=64)
+    np.testing.assert_array_equal(np.unique(frags.positions, axis=0), np.unique(alone.positions, axis=0))
+    assert trace_block(specks, high=150, low=64).n_nodes == 0
+
+
 def gapped_tube(gap_value=60):
     vol = tube((16, 30, 70), (8, 15, 5), (8, 15, 30), 1.5)
     tube(vol.shape, (8, 15, 34), (8, 15, 64), 1.5, out=vol)
