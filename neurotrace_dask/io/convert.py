@@ -32,6 +32,7 @@ from .omezarr import (
     prepare_partial,
     replace_store,
     write_image_metadata,
+    write_region,
 )
 from .volumes import SUPPORTED_DTYPES, VolumeSource, format_region, open_volume
 
@@ -151,7 +152,7 @@ def _write_levels(
     if value_range is not None:
         data = _rescale(data, *value_range, zarr.open_array(f"{store}/0", mode="r").dtype)
     region = block.write
-    zarr.open_array(f"{store}/0", mode="r+")[region] = data
+    write_region(zarr.open_array(f"{store}/0", mode="r+"), region, data)
     # This block's own row (one chunk per block: one writer per object) of the value range.
     zarr.open_array(f"{store}/{DONE_FOLDER}/{STATS}", mode="r+")[block.id] = (data.min(), data.max())
     for level, step in enumerate(factors, start=1):
@@ -159,7 +160,7 @@ def _write_levels(
         # The block is aligned to whole storage units of every level it builds, so the
         # downsampled slab is exactly this task's own shards/chunks of that level.
         region = tuple(slice(s.start // f, s.start // f + n) for s, f, n in zip(region, step, data.shape))
-        zarr.open_array(f"{store}/{level}", mode="r+")[region] = data
+        write_region(zarr.open_array(f"{store}/{level}", mode="r+"), region, data)
     markers.mark_done(block.id)
     return block.id
 
@@ -170,7 +171,7 @@ def _write_level(block: Block, *, store: str, level: int, factors: tuple[int, in
     region = tuple(
         slice(s.start * f, min(s.stop * f, n)) for s, f, n in zip(block.write, factors, below.shape)
     )
-    zarr.open_array(f"{store}/{level}", mode="r+")[block.write] = downsample_mean(below[region], factors)
+    write_region(zarr.open_array(f"{store}/{level}", mode="r+"), block.write, downsample_mean(below[region], factors))
     markers.mark_done(block.id)
     return block.id
 

@@ -8,6 +8,7 @@ that a half-written store never looks finished.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import re
@@ -37,6 +38,7 @@ __all__ = [
     "pyramid_factors",
     "replace_store",
     "write_image_metadata",
+    "write_region",
     "written_by_us",
 ]
 
@@ -317,6 +319,35 @@ def read_region(array: zarr.Array, region: Sequence[slice], name: str | Path) ->
         where = ", ".join(f"{s.start}:{s.stop}" for s in region)
         first = (str(exc).strip().splitlines() or [""])[0]
         raise InputError(f"{name}: cannot read [{where}] (corrupt or missing chunk? {type(exc).__name__}: {first})") from None
+
+
+def write_region(array: zarr.Array, region: Sequence[slice], data: np.ndarray) -> None:
+    """Write ``data`` to ``array[region]``, storing exactly what a plain assignment stores.
+
+    Zarr leaves a chunk that holds only the fill value unstored, and finds such chunks
+    with a NaN-aware comparison per chunk that costs more than compressing it. When the
+    fill value is 0 and every chunk ``region`` touches holds a non-zero voxel of ``data``,
+    no chunk can be left out, so the test is skipped.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> a = zarr.create_array(tempfile.mkdtemp(), shape=(4, 4), chunks=(2, 2), dtype="uint8", fill_value=0)
+    >>> data = np.array([[1, 0, 0, 0], [0, 0, 0, 0]], np.uint8)
+    >>> write_region(a, (slice(0, 2), slice(0, 4)), data)
+    >>> a.nchunks_initialized  # the all-zero chunk [0:2, 2:4] is not stored
+    1
+    """
+    # Local cut points of the chunk grid along each axis, for a region starting anywhere.
+    cuts = [
+        [0, *range(c - s.start % c, s.stop - s.start, c), s.stop - s.start]
+        for s, c in zip(region, array.chunks)
+    ]
+    chunks = itertools.product(*[[slice(a, b) for a, b in zip(axis, axis[1:])] for axis in cuts])
+    # A positive minimum (the usual camera offset) answers for every chunk at once.
+    if array.fill_value == 0 and (data.min() > 0 or all(data[chunk].any() for chunk in chunks)):
+        array = array.with_config({"write_empty_chunks": True})
+    array[tuple(region)] = data
 
 
 def downsample_mean(block: np.ndarray, factors: Triple) -> np.ndarray:

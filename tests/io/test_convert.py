@@ -14,7 +14,7 @@ import zarr
 from neurotrace_dask.config import ConvertConfig
 from neurotrace_dask.errors import InputError, OutputError
 from neurotrace_dask.io.convert import convert, task_block_shape
-from neurotrace_dask.io.omezarr import downsample_mean, is_complete, open_image
+from neurotrace_dask.io.omezarr import downsample_mean, is_complete, open_image, write_region
 
 
 def _files(path: Path) -> dict[str, str]:
@@ -175,6 +175,27 @@ def test_downsample_mean_is_the_rounded_window_mean(dtype, factors):
             assert np.isclose(out[index], mean, rtol=1e-6), index
         else:
             assert out[index] == np.floor(mean + 0.5), index
+
+
+@pytest.mark.parametrize("shards", [None, (8, 16, 16)])
+@pytest.mark.parametrize("region", [(slice(0, 16), slice(0, 32), slice(0, 40)), (slice(3, 13), slice(5, 30), slice(7, 38))])
+@pytest.mark.parametrize("background", ["zero", "offset", "alternating"])
+def test_write_region_stores_what_assignment_stores(tmp_path, shards, region, background):
+    # Same objects, same bytes: all-zero chunks stay unstored, the others are written alike.
+    shape = [s.stop - s.start for s in region]
+    data = {"zero": np.zeros(shape, np.uint16), "offset": np.ones(shape, np.uint16),
+            "alternating": (np.arange(np.prod(shape)) % 2).reshape(shape).astype(np.uint16)}[background]  # fmt: skip
+    data[:2, :3, :4] = 7  # signal in one corner
+    stores = []
+    for name in ("plain", "fast"):
+        array = zarr.create_array(tmp_path / name, shape=(16, 32, 40), chunks=(4, 8, 8), shards=shards,
+                                  dtype="uint16", fill_value=0)  # fmt: skip
+        if name == "plain":
+            array[region] = data
+        else:
+            write_region(array, region, data)
+        stores.append(_files(tmp_path / name))
+    assert stores[0] == stores[1]
 
 
 def test_task_blocks_are_bounded():
