@@ -90,9 +90,10 @@ def get_client(config: ClusterConfig | None = None) -> Client:
             cluster.scale(jobs=config.slurm.jobs)
         return Client(cluster)
     local = config.local
+    processes = local.processes is not False  # None: a command that did not choose gets processes
     # Worker processes talk over TCP: keep scheduler, workers and their dashboards on
     # local.host (loopback by default) so nothing is exposed to the network by accident.
-    network = {"host": local.host} if local.processes else {}
+    network = {"host": local.host} if processes else {}
     dashboard_host = config.dashboard_address.rsplit(":", 1)[0]
     # distributed sets MALLOC_TRIM_THRESHOLD_ in worker processes, which fixes glibc's mmap
     # threshold low: every chunk buffer then page-faults fresh memory, and Zarr writes ran
@@ -105,7 +106,7 @@ def get_client(config: ClusterConfig | None = None) -> Client:
         cluster = LocalCluster(
             n_workers=local.n_workers,
             threads_per_worker=local.threads_per_worker,
-            processes=local.processes,
+            processes=processes,
             memory_limit=local.memory_limit,
             resources=local.resources or None,
             dashboard_address=config.dashboard_address,

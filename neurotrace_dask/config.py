@@ -62,14 +62,16 @@ class LocalClusterConfig(_Strict):
 
     ``n_workers`` and ``threads_per_worker`` of ``None`` let distributed choose from
     the machine's cores. ``processes: false`` runs workers as threads of this process
-    (quick start-up; for small volumes and notebooks). ``host`` is the interface the
+    (quick start-up; for small volumes and notebooks); ``None`` lets the command choose:
+    threads for ``convert`` alone (its reading, compressing and writing release the GIL),
+    processes otherwise. ``host`` is the interface the
     scheduler and worker processes listen on. ``resources`` are advertised by every worker
     (``{"GPU": 1}`` gates GPU tasks; ``predict`` sets it itself on a GPU machine).
     """
 
     n_workers: PositiveInt | None = None
     threads_per_worker: PositiveInt | None = None
-    processes: bool = True
+    processes: bool | None = None
     memory_limit: str = "auto"
     host: str = "127.0.0.1"
     resources: dict[str, float] = Field(default_factory=dict)

@@ -198,6 +198,15 @@ def test_write_region_stores_what_assignment_stores(tmp_path, shards, region, ba
     assert stores[0] == stores[1]
 
 
+def test_local_convert_runs_threads_unless_told():
+    from neurotrace_dask.config import ClusterConfig, LocalClusterConfig
+    from neurotrace_dask.io.convert import _threaded
+
+    assert _threaded(None).local.processes is False
+    assert _threaded(ClusterConfig(local=LocalClusterConfig(processes=True))).local.processes is True
+    assert _threaded(ClusterConfig(kind="address", address="tcp://h:8786")).local.processes is None
+
+
 def test_task_blocks_are_bounded():
     # Whole-brain plane, uint16: one task stays near the byte budget whatever the volume size.
     for shape in [(100, 2000, 2000), (20000, 40000, 30000)]:
