@@ -40,7 +40,9 @@ SchedulerOption = Annotated[
     Optional[str], typer.Option("--scheduler", help="Address of a running Dask scheduler (tcp://host:8786).")
 ]
 SlurmOption = Annotated[bool, typer.Option("--slurm", help="Run on SLURM as the config's cluster.slurm says.")]
-WorkersOption = Annotated[Optional[int], typer.Option("--workers", help="Local cluster: worker processes.", min=1)]
+WorkersOption = Annotated[
+    Optional[int], typer.Option("--workers", help="Local cluster: workers (processes; threads for convert).", min=1)
+]
 ThreadsOption = Annotated[Optional[int], typer.Option("--threads", help="Local cluster: threads per worker.", min=1)]
 OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")]
 

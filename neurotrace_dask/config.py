@@ -64,9 +64,9 @@ class LocalClusterConfig(_Strict):
     the machine's cores. ``processes: false`` runs workers as threads of this process
     (quick start-up; for small volumes and notebooks); ``None`` lets the command choose:
     threads for ``convert`` alone (its reading, compressing and writing release the GIL),
-    processes otherwise. ``host`` is the interface the
-    scheduler and worker processes listen on. ``resources`` are advertised by every worker
-    (``{"GPU": 1}`` gates GPU tasks; ``predict`` sets it itself on a GPU machine).
+    processes otherwise. ``host`` is the interface the scheduler and worker processes
+    listen on. ``resources`` are advertised by every worker (``{"GPU": 1}`` gates GPU
+    tasks; ``predict`` sets it itself on a GPU machine).
     """
 
     n_workers: PositiveInt | None = None

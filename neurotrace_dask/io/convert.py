@@ -171,7 +171,8 @@ def _write_level(block: Block, *, store: str, level: int, factors: tuple[int, in
     region = tuple(
         slice(s.start * f, min(s.stop * f, n)) for s, f, n in zip(block.write, factors, below.shape)
     )
-    write_region(zarr.open_array(f"{store}/{level}", mode="r+"), block.write, downsample_mean(below[region], factors))
+    data = downsample_mean(below[region], factors)
+    write_region(zarr.open_array(f"{store}/{level}", mode="r+"), block.write, data)
     markers.mark_done(block.id)
     return block.id
 
