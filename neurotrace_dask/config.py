@@ -215,7 +215,8 @@ class PredictConfig(_Strict):
 class TraceConfig(_Strict):
     """Options of ``neurotrace trace`` (voxel scooping by blocks, then stitching; see :mod:`neurotrace_dask.trace`).
 
-    ``high`` / ``low`` are hysteresis thresholds on the 0-255 probability. With ``raw``
+    ``high`` / ``low`` are hysteresis thresholds on the 0-255 probability (applied after
+    gap bridging: a dim fragment counts once bridged to a bright one). With ``raw``
     input the image is first scaled to that probability: the image smoothed with sigma 1
     voxel minus a Gaussian background of ``background_sigma`` um, in robust noise units,
     with ``k_low`` noise units mapped to ``low`` and ``k_high`` to ``high``. Lengths in um.
@@ -231,6 +232,7 @@ class TraceConfig(_Strict):
     bridge_distance: NonNegative = 6.0  # largest gap bridged; 0 disables bridging
     bridge_angle: Annotated[float, Field(ge=0, le=180)] = 60.0  # largest turn, degrees
     bridge_min_mean: Annotated[float, Field(ge=0, le=255)] = 32.0  # least mean probability along a bridge
+    bridge_dim: bool | None = None  # hysteresis after bridging; None: on, off for raw input
     k_high: Positive = 8.0
     k_low: Positive = 4.0
     background_sigma: Positive = 3.0

@@ -9,7 +9,7 @@ How it works
 1. **Foreground**: every 26-connected component of ``prob >= low``; those holding a voxel
    ``>= high`` are *active*. Hysteresis is applied after bridging (step 5): dim stretches
    attached to a bright neurite, directly or by a bridged gap, survive; isolated dim
-   stretches do not.
+   stretches do not. (``bridge_dim=False``: classic hysteresis, for raw images.)
 2. **Seeds**, in priority order: somata (maxima of the Euclidean distance transform,
    in um, deeper than ``soma_radius``), the given ``seeds``, then one seed per
    foreground component not reached yet (its deepest voxel).
@@ -401,18 +401,29 @@ def hysteresis(prob: np.ndarray, high: float, low: float) -> np.ndarray:
 
 def _hysteresis(prob: np.ndarray, high: float, above: np.ndarray) -> np.ndarray:
     """:func:`hysteresis` given ``above = prob >= low``."""
+    where, label_of, active = _active_components(prob, high, above)
+    return _paint(prob.shape, where[active[label_of]])
+
+
+def _active_components(prob: np.ndarray, high: float, above: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Voxels of ``above`` (flat, sorted), their component labels (1-based), and which
+    labels hold a voxel ``>= high`` (indexed by label; 0 is background)."""
     # Work on the (sparse) voxels above ``low`` only, never gather over the whole block.
     where = np.flatnonzero(above)
     n, label_of = _components26(above, where)
     active = np.zeros(n + 1, bool)
     active[label_of[prob[above] >= high]] = True
-    out = np.zeros(prob.shape, bool)
-    out.ravel()[where[active[label_of]]] = True
+    return where, label_of, active
+
+
+def _paint(shape: Sequence[int], flat: np.ndarray) -> np.ndarray:
+    out = np.zeros(shape, bool)
+    out.ravel()[flat] = True
     return out
 
 
 def _within_reach(prob: np.ndarray, high: float, above: np.ndarray, inner: tuple[slice, ...],
-                  port_faces: Sequence[bool], reach: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+                  port_faces: Sequence[bool], reach: np.ndarray, chains: bool = True) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """The components of ``above`` worth tracing, and the active ones among them (two masks).
 
     Active components (holding a voxel ``>= high``) are; so are inactive ones within
@@ -420,12 +431,11 @@ def _within_reach(prob: np.ndarray, high: float, above: np.ndarray, inner: tuple
     worth tracing, since only a bridge (or, at a face, a port) can make an inactive fragment
     count and a bridge is never longer than ``reach``. The others would be dropped whatever
     happened, so not tracing them changes nothing but the cost: a block of dim specks
-    costs their labelling, not their tracing.
+    costs their labelling, not their tracing. Without ``chains``, only those within
+    ``reach`` of a shared face join the active ones (classic hysteresis, across blocks).
     """
-    where = np.flatnonzero(above)
-    n, label_of = _components26(above, where)
-    active = np.zeros(n + 1, bool)
-    active[label_of[prob[above] >= high]] = True
+    where, label_of, active = _active_components(prob, high, above)
+    n = active.size - 1
     coords = np.stack(np.unravel_index(where, prob.shape), axis=1)
     order = np.argsort(label_of, kind="stable")
     starts = np.searchsorted(label_of[order], np.arange(1, n + 1))
@@ -437,7 +447,7 @@ def _within_reach(prob: np.ndarray, high: float, above: np.ndarray, inner: tuple
             plane = inner[axis].stop - 1 if k % 2 else inner[axis].start
             keep[1:] |= (lo[:, axis] <= plane + reach[axis]) & (hi[:, axis] >= plane - reach[axis])
     # Grow the set through chains of components, each within reach of the last.
-    frontier = np.flatnonzero(keep[1:])
+    frontier = np.flatnonzero(keep[1:]) if chains else np.zeros(0, np.int64)
     while frontier.size:
         rest = np.flatnonzero(~keep[1:])
         near = np.zeros(rest.size, bool)
@@ -446,13 +456,7 @@ def _within_reach(prob: np.ndarray, high: float, above: np.ndarray, inner: tuple
             near |= np.all((lo[rest] <= b) & (hi[rest] >= a), axis=2).any(axis=0)
         frontier = rest[near]
         keep[1 + frontier] = True
-
-    def paint(which: np.ndarray) -> np.ndarray:
-        out = np.zeros(prob.shape, bool)
-        out.ravel()[where[which[label_of]]] = True
-        return out
-
-    return paint(keep), paint(active)
+    return _paint(prob.shape, where[keep[label_of]]), _paint(prob.shape, where[active[label_of]])
 
 
 def _residual(image: np.ndarray, voxel: np.ndarray, background_sigma: float) -> np.ndarray:
@@ -1098,6 +1102,7 @@ def trace_block(
     bridge_distance: float = 6.0,
     bridge_angle: float = 60.0,
     bridge_min_mean: float = 32.0,
+    bridge_dim: bool | None = None,
 ) -> Fragments:
     """Trace one block of a neurite probability map by voxel scooping.
 
@@ -1141,6 +1146,12 @@ def trace_block(
         Largest turn (degrees) between a tip's direction and its bridge.
     bridge_min_mean : float
         Least mean probability (0-255) along a bridge.
+    bridge_dim : bool, optional
+        Hysteresis after bridging (``None``: yes): dim fragments (``>= low``, never
+        ``>= high``) are traced and kept when bridges join them, directly or in a chain, to
+        a bright one. ``False``: classic hysteresis, only components reaching ``high`` (and
+        those touching a shared face) are traced; better for raw images, whose ``>= low``
+        background structure bridging would otherwise bring in.
 
     Returns
     -------
@@ -1172,7 +1183,8 @@ def trace_block(
                       np.zeros(0, bool), voxel_size=tuple(voxel))  # fmt: skip
     options = dict(voxel_size=voxel_size, high=high, low=low, soma_radius=soma_radius, scoop=scoop,
                    spur_factor=spur_factor, min_length=min_length, smooth=smooth, bridge_distance=bridge_distance,
-                   bridge_angle=bridge_angle, bridge_min_mean=bridge_min_mean)  # fmt: skip
+                   bridge_angle=bridge_angle, bridge_min_mean=bridge_min_mean, bridge_dim=bridge_dim)  # fmt: skip
+    bridge_dim = bridge_dim is not False
     # A sparse block is traced at the cost of its foreground's extent: first the box of
     # everything >= low (no labelling of empty space), then the box of what can be kept;
     # each holds the shared faces within bridging reach.
@@ -1180,7 +1192,8 @@ def trace_block(
     box = _bounding_box(above, grow=1)
     if box is None:
         return empty
-    reach = np.ceil(bridge_distance / voxel).astype(np.int64)
+    # Shared faces closer than this matter: bridges (and with them dim fragments) reach them.
+    reach = np.ceil(bridge_distance / voxel).astype(np.int64) if bridge_dim else np.zeros(3, np.int64)
     box = _reach_faces(box, inner, port_faces, reach)
     if math.prod(b.stop - b.start for b in box) < 0.5 * prob.size:
         return _trace_cropped(prob, box, inner, port_faces, origin, seeds, **options)
@@ -1189,7 +1202,7 @@ def trace_block(
     # its bright neurite when a bridge reaches it; what stays inactive is dropped below,
     # unless it lies near a shared face (it may reach its bright part through another
     # block: the stitch drops joined neurons with no active node, after its own bridging).
-    fg_all, active_all = _within_reach(prob, high, above, inner, port_faces, reach)
+    fg_all, active_all = _within_reach(prob, high, above, inner, port_faces, reach, chains=bridge_dim)
     if not fg_all[inner].any():
         return empty
     box = _reach_faces(_bounding_box(fg_all, grow=1), inner, port_faces, reach)
@@ -1481,7 +1494,8 @@ def trace_grid_block(prob: np.ndarray, block: Block, shape: Sequence[int], *, vo
                        port_faces=faces, seeds=None if seeds is None else np.asarray(seeds) - start,
                        soma_radius=config.soma_radius, scoop=config.scoop, spur_factor=config.spur_factor,
                        min_length=config.min_length, smooth=config.smooth, bridge_distance=config.bridge_distance,
-                       bridge_angle=config.bridge_angle, bridge_min_mean=config.bridge_min_mean)  # fmt: skip
+                       bridge_angle=config.bridge_angle, bridge_min_mean=config.bridge_min_mean,
+                       bridge_dim=config.bridge_dim)  # fmt: skip
 
 
 def _trace_task(block: Block, *, image: str, folder: str, shape: tuple[int, int, int], voxel: Float3, raw: bool,
@@ -1492,6 +1506,8 @@ def _trace_task(block: Block, *, image: str, folder: str, shape: tuple[int, int,
 
     array = open_image(image)[0][0]
     frags = None
+    if raw and config.bridge_dim is None:
+        config = config.model_copy(update={"bridge_dim": False})  # see trace_block
     if raw or _stored_any(array, block.read):
         data = read_region(array, block.read, image)
         prob = raw_to_probability(data, voxel_size=voxel, high=config.high, low=config.low, k_high=config.k_high,

@@ -75,7 +75,7 @@ def test_blocks_give_the_same_neuron(neuron, parts):
     assert blocked.to_swc().n_trees == one.to_swc().n_trees == 1
     assert blocked.soma.sum() == 1
     assert_no_duplicates(blocked)
-    assert agreement(one, blocked) >= 0.99  # measured 1.000, 1.000, 0.997
+    assert agreement(one, blocked) >= 0.99  # measured 1.000, 1.000, 0.999
 
 
 def test_soma_on_a_block_corner(neuron):

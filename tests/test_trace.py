@@ -109,6 +109,9 @@ def test_a_dim_stretch_beyond_a_gap_joins_when_bridged(gap_value, kept):
     assert frags.bridges.size == int(kept)
     assert (swc.zyx[:, 2].max() >= 66) == kept and swc.zyx[:, 2].min() <= 8
     assert frags.active.all()
+    # Classic hysteresis (raw images): the dim stretch never counts.
+    classic = trace_block(vol, high=150, low=64, bridge_dim=False)
+    assert classic.to_swc().n_trees == 1 and classic.positions[:, 2].max() <= 32
 
 
 def test_dim_chains_are_followed_and_far_specks_change_nothing():
