@@ -24,6 +24,7 @@ test: setup
 bench: setup
 	$(BIN)/python benchmarks/convert.py
 	$(BIN)/python benchmarks/predict.py
+	$(BIN)/python benchmarks/predict_halo.py
 	$(BIN)/python benchmarks/synth_vs_op.py
 
 # The weak-neurite accuracy benchmark: this project's tracers and the peers (about 30 min on 2 cores).
