@@ -441,11 +441,8 @@ def _within_reach(prob: np.ndarray, high: float, above: np.ndarray, inner: tuple
     starts = np.searchsorted(label_of[order], np.arange(1, n + 1))
     lo, hi = np.minimum.reduceat(coords[order], starts), np.maximum.reduceat(coords[order], starts)
     keep = active.copy()
-    for k, shared in enumerate(port_faces):
-        if shared:
-            axis = k // 2
-            plane = inner[axis].stop - 1 if k % 2 else inner[axis].start
-            keep[1:] |= (lo[:, axis] <= plane + reach[axis]) & (hi[:, axis] >= plane - reach[axis])
+    for _, axis, plane in _shared_planes(inner, port_faces):
+        keep[1:] |= (lo[:, axis] <= plane + reach[axis]) & (hi[:, axis] >= plane - reach[axis])
     # Grow the set through chains of components, each within reach of the last.
     frontier = np.flatnonzero(keep[1:]) if chains else np.zeros(0, np.int64)
     while frontier.size:
@@ -1297,10 +1294,8 @@ def trace_block(
     anchored = np.bincount(comp, weights=held, minlength=lengths.size) > 0
     is_active = (np.bincount(comp, weights=is_active, minlength=lengths.size) > 0)[comp]
     near_face = np.zeros(pos.shape[0], bool)
-    for k, shared in enumerate(port_faces):
-        if shared:
-            plane = fg.shape[k // 2] - 1 if k % 2 else 0
-            near_face |= np.abs(pos[:, k // 2] - plane) * voxel[k // 2] <= bridge_distance
+    for _, axis, plane in _shared_planes(tuple(slice(0, n) for n in fg.shape), port_faces):
+        near_face |= np.abs(pos[:, axis] - plane) * voxel[axis] <= bridge_distance
     reachable = np.bincount(comp, weights=is_active | near_face, minlength=lengths.size) > 0
     keep = ((lengths >= min_length) | anchored)[comp] & reachable[comp]
     _, edges = _renumber(keep, edges)
@@ -1334,13 +1329,21 @@ def _reach_faces(box: tuple[slice, ...], inner: tuple[slice, ...], port_faces: S
     block does.
     """
     box = list(box)
-    for k, shared in enumerate(port_faces):
-        axis = k // 2
-        plane = inner[axis].stop - 1 if k % 2 else inner[axis].start
+    for _, axis, plane in _shared_planes(inner, port_faces):
         b = box[axis]
-        if shared and b.start - reach[axis] <= plane < b.stop + reach[axis]:
+        if b.start - reach[axis] <= plane < b.stop + reach[axis]:
             box[axis] = slice(min(b.start, plane), max(b.stop, plane + 1))
     return tuple(box)
+
+
+def _shared_planes(inner: Sequence[slice], port_faces: Sequence[bool]) -> list[tuple[int, int, int]]:
+    """``(face, axis, index)`` of each shared face of ``inner``: the plane it lies in.
+
+    >>> _shared_planes((slice(2, 9), slice(0, 5), slice(0, 5)), (False, True, False, False, True, False))
+    [(1, 0, 8), (4, 2, 0)]
+    """
+    return [(k, k // 2, inner[k // 2].stop - 1 if k % 2 else inner[k // 2].start)
+            for k, shared in enumerate(port_faces) if shared]  # fmt: skip
 
 
 def _trace_cropped(prob: np.ndarray, box: tuple[slice, ...], inner: tuple[slice, ...], port_faces: Sequence[bool],
@@ -1356,11 +1359,9 @@ def _trace_cropped(prob: np.ndarray, box: tuple[slice, ...], inner: tuple[slice,
     start = np.array([b.start for b in box])
     sub_inner = tuple(slice(max(i.start, b.start) - b.start, max(min(i.stop, b.stop), i.start, b.start) - b.start)
                       for i, b in zip(inner, box, strict=True))  # fmt: skip
-    sub_faces = []
-    for k, shared in enumerate(port_faces):
-        axis = k // 2
-        plane = inner[axis].stop - 1 if k % 2 else inner[axis].start
-        sub_faces.append(bool(shared) and box[axis].start <= plane < box[axis].stop)
+    sub_faces = [False] * 6
+    for k, axis, plane in _shared_planes(inner, port_faces):
+        sub_faces[k] = box[axis].start <= plane < box[axis].stop
     frags = trace_block(prob[box], inner=sub_inner, port_faces=sub_faces, origin=np.asarray(origin) + start,
                         seeds=None if seeds is None else np.asarray(seeds).reshape(-1, 3) - start, **options)  # fmt: skip
     # "On a face" means the block's faces, not the box's.
