@@ -26,6 +26,7 @@ bench: setup
 	$(BIN)/python benchmarks/predict.py
 	$(BIN)/python benchmarks/predict_halo.py
 	$(BIN)/python benchmarks/synth_vs_op.py
+	$(BIN)/python benchmarks/weak_ceiling.py
 
 # The weak-neurite accuracy benchmark: this project's tracers and the peers (about 30 min on 2 cores).
 accuracy: setup peers

@@ -103,3 +103,16 @@ def test_gaussian_norm_matches_smoothed_white_noise(acc):
 
     inner = ndimage.gaussian_filter(noise, 1.0)[8:-8, 8:-8, 8:-8]  # away from the mirrored edges
     assert inner.std() == pytest.approx(acc._gaussian_norm(1.0), rel=0.03)
+
+
+def test_weak_ceiling_share_of_cable_above_each_threshold():
+    with benchmark_module("weak_ceiling") as ceiling:
+        assert doctest.testmod(ceiling).failed == 0
+        # A 20-voxel line along x (0.5 um voxels): the first half at 80, the second at 40.
+        line = SWC.from_arrays([[4, 4, 2], [4, 4, 22]], [-1, 0])
+        prob = np.zeros((9, 9, 30), np.uint8)
+        prob[4, 4, :12] = 80
+        prob[4, 4, 12:] = 40
+        # 3x3x3 maxima: the 80 reaches one voxel past its end (x 12), so 11 of 20 voxels' length.
+        shares = ceiling.ceiling(prob, line, np.array([1.0, 0.5, 0.5]), thresholds=(64.0, 32.0, 100.0))
+        assert shares == pytest.approx([0.525, 1.0, 0.0], abs=0.02)
