@@ -67,7 +67,8 @@ def main() -> int:
                 raise ValueError(f"a probability map must be uint8 (0-255), got {image.dtype}")
             probability = image
         # A raw image's map holds background structure above ``low``: classic hysteresis (see trace_block).
-        swc = trace_block(probability, voxel_size=args.voxel_size, bridge_dim=args.method != "raw" and None).to_swc()
+        swc = trace_block(probability, voxel_size=args.voxel_size, bridge_dim=args.method != "raw" and None,
+                           extend=args.method != "raw" and None).to_swc()
         reply["seconds"] = time.perf_counter() - started
         reply["nodes"] = swc.n_nodes
         if swc.n_nodes == 0:

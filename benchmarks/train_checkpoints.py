@@ -211,7 +211,7 @@ def stage_card() -> None:
             probs[name] = predict_array(image, ckpt, PredictConfig(device="cpu", halo=16))
             seconds[name] = time.perf_counter() - t
         for name, prob in probs.items():
-            frag = trace_block(prob, voxel_size=voxel, **kw, bridge_dim=name != "raw" and None)
+            frag = trace_block(prob, voxel_size=voxel, **kw, bridge_dim=name != "raw" and None, extend=name != "raw" and None)
             f1 = 0.0
             scores = {}
             if frag.n_nodes:

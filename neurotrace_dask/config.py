@@ -233,6 +233,9 @@ class TraceConfig(_Strict):
     bridge_angle: Annotated[float, Field(ge=0, le=180)] = 60.0  # largest turn, degrees
     bridge_min_mean: Annotated[float, Field(ge=0, le=255)] = 32.0  # least mean probability along a bridge
     bridge_dim: bool | None = None  # hysteresis after bridging; None: on, off for raw input
+    extend: bool | None = None  # tip extension along the dim ridge; None: on, off for raw input
+    extend_min_mean: Annotated[float, Field(ge=0, le=255)] = 44.0  # least mean probability of a kept extension
+    extend_length: NonNegative = 20.0  # longest tip extension (um); 0 disables
     k_high: Positive = 8.0
     k_low: Positive = 4.0
     background_sigma: Positive = 3.0

@@ -83,7 +83,7 @@ from .io.swc import SWC
 if TYPE_CHECKING:
     from distributed import Client
 
-__all__ = ["BRIDGE_DTYPE", "Fragments", "TraceResult", "block_faces", "bridge_tips", "gap_mean", "hysteresis",
+__all__ = ["BRIDGE_DTYPE", "Fragments", "TraceResult", "block_faces", "bridge_tips", "extend_tips", "gap_mean", "hysteresis",
            "line_voxels", "measure_noise", "raw_to_probability", "read_seeds", "trace_block", "trace_grid_block",
            "trace_volume"]
 
@@ -962,6 +962,194 @@ def bridge_tips(
     return edges, records
 
 
+#: Tip extension (:func:`extend_tips`): directions tried at each step, a fixed even spread
+#: over the sphere (Fibonacci lattice) of which those within the cone are used.
+_SPHERE = (lambda i: np.stack([1 - 2 * i / 400, np.sqrt(1 - (1 - 2 * i / 400) ** 2) * np.sin(np.pi * (1 + 5**0.5) * i),
+                               np.sqrt(1 - (1 - 2 * i / 400) ** 2) * np.cos(np.pi * (1 + 5**0.5) * i)], axis=1))(
+    np.arange(400) + 0.5)  # fmt: skip
+EXTEND_CONE = 45.0  # degrees a step may turn from the march's direction
+EXTEND_RAY = 6  # steps looked ahead: a direction scores the mean probability along them
+EXTEND_WINDOW = 5  # a march stops when its last samples average below the stop level...
+EXTEND_STOP = 8.0  # ... which lies this far below ``min_mean``
+EXTEND_SKIP = 3  # first samples (the tip's own fading edge) left out of the acceptance mean
+EXTEND_MIN_LENGTH = 5.0  # um: shorter extensions are the blur of a neurite's end, not a neurite
+EXTEND_LEAVE = 3.0  # um a march may run inside its own foreground before it must have left it
+
+
+def _centre_z(prob: np.ndarray, point_um: np.ndarray, voxel: np.ndarray, half: int = 2) -> np.ndarray:
+    """``point_um`` moved in z to the probability-weighted centre of the ``2 half + 1`` voxels around it.
+
+    The point spread is longest along the optical axis: a ridge march cannot place a dim
+    neurite in z by the best direction alone, where neighbouring directions score alike.
+    """
+    z, y, x = np.rint(point_um / voxel).astype(np.int64)
+    zs = np.arange(max(z - half, 0), min(z + half + 1, prob.shape[0]))
+    weights = prob[zs, y, x].astype(np.float64)
+    if weights.sum() <= 0:
+        return point_um
+    return np.array([(zs * weights).sum() / weights.sum() * voxel[0], point_um[1], point_um[2]])
+
+
+def extend_tips(
+    prob: np.ndarray,
+    kept: np.ndarray,
+    pos: np.ndarray,
+    voxel: np.ndarray,
+    edges: np.ndarray,
+    fixed: np.ndarray,
+    *,
+    min_mean: float,
+    max_length: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Follow the probability ridge beyond each tip, below the foreground threshold.
+
+    A dim neurite often goes on where its foreground ends, too faint voxel by voxel but
+    clear along its course. From each tip (degree 1, not ``fixed``), a march steps
+    ``2 min(voxel)`` um at a time in the direction, within ``EXTEND_CONE`` degrees of its
+    heading, whose next ``EXTEND_RAY`` steps have the highest mean probability (then
+    centred in z, :func:`_centre_z`). It must leave the kept foreground ``kept`` within
+    ``EXTEND_LEAVE`` um, and stops when its last ``EXTEND_WINDOW`` ray means average below
+    ``min_mean - EXTEND_STOP``, after ``max_length`` um, at the edge of ``prob``, or where it
+    meets another fragment (a node within reach, or that fragment's foreground), to which it
+    then links. Its trailing samples below the stop level are cut; it is kept when it is at
+    least ``EXTEND_MIN_LENGTH`` um long and its ray means (bar the first ``EXTEND_SKIP``)
+    average at least ``min_mean``. Noise rarely averages that high over several um; a real
+    neurite's end falls below it within its blur.
+
+    Parameters
+    ----------
+    prob : (z, y, x) array
+        Probability 0-255; positions are voxel coordinates of this array.
+    kept : (z, y, x) bool array
+        The foreground of the fragments being extended.
+    pos : (n, 3) float
+        Node positions (voxels).
+    voxel : (3,) float
+        Voxel size (um).
+    edges : (m, 2) int
+        Undirected edges.
+    fixed : (n,) bool
+        Nodes that are never extended (somata, ports).
+    min_mean, max_length : float
+        Least mean probability of a kept extension; longest march (um).
+
+    Returns
+    -------
+    new_pos : (k, 3) float
+        New nodes (voxels), numbered ``n, n + 1, ...``.
+    new_edges : (e, 2) int64
+        Edges joining them to their tips, to each other and to the fragments they met.
+    source : (k,) int64
+        The tip each new node extends (for its radius and activity).
+
+    Examples
+    --------
+    A bright stretch going on dimmer (40, under a ``low`` of 64) for 20 voxels:
+
+    >>> prob = np.zeros((5, 5, 40), np.uint8); prob[1:4, 1:4, :10] = 200; prob[1:4, 1:4, 10:30] = 40
+    >>> pos, edges = np.array([[2., 2, 1], [2, 2, 5], [2, 2, 9]]), np.array([[0, 1], [1, 2]])
+    >>> new, links, source = extend_tips(prob, prob >= 64, pos, np.ones(3), edges, np.array([True, False, False]),
+    ...                                  min_mean=30, max_length=40)
+    >>> round(float(new[:, 2].max())), links[0].tolist(), set(source.tolist())
+    (23, [2, 3], {2})
+
+    (It ends short of the dim stretch's end, x = 29, by about half the look-ahead.)
+    """
+    n = pos.shape[0]
+    none = np.zeros((0, 3)), np.zeros((0, 2), np.int64), np.zeros(0, np.int64)
+    if max_length <= 0 or n < 2:
+        return none
+    pos_um = pos * voxel
+    adj = _Adjacency(n, edges)
+    _, comp = connected_components(coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(n, n)),
+                                   directed=False)  # fmt: skip
+    root = np.arange(comp.max() + 1)  # fragments joined by earlier marches (union-find)
+
+    def find(c: int) -> int:
+        while root[c] != c:
+            root[c] = root[root[c]]
+            c = int(root[c])
+        return c
+
+    tree = cKDTree(pos_um)
+    step = 2 * float(voxel.min())
+    upper = np.asarray(prob.shape) - 1
+    ahead = np.arange(1, EXTEND_RAY + 1)[:, None, None] * step
+    cos_cone = math.cos(math.radians(EXTEND_CONE))
+    stop_mean = min_mean - EXTEND_STOP
+    new_pos: list[np.ndarray] = []
+    new_edges: list[tuple[int, int]] = []
+    source: list[int] = []
+
+    def voxel_of(point_um: np.ndarray) -> tuple[int, ...]:
+        return tuple(np.clip(np.rint(point_um / voxel).astype(np.int64), 0, upper).tolist())
+
+    for tip in np.flatnonzero((adj.degree == 1) & ~np.asarray(fixed, bool)).tolist():
+        heading = _tip_direction(pos_um, adj, tip)
+        if heading is None:
+            continue
+        own = set(tree.query_ball_point(pos_um[tip], 3 * step))
+        here, path, means = pos_um[tip], [], []
+        travelled, left, meet = 0.0, False, -1
+        while travelled < max_length:
+            cone = _SPHERE[_SPHERE @ heading >= cos_cone]
+            nxt = here + step * cone
+            cone = cone[np.all((nxt >= 0) & (nxt <= upper * voxel), axis=1)]
+            if not cone.size:
+                break
+            rays = np.clip(np.rint((here + ahead * cone) / voxel).astype(np.int64), 0, upper)
+            ray_mean = prob[rays[..., 0], rays[..., 1], rays[..., 2]].mean(axis=0)
+            best = int(np.argmax(ray_mean + 1e-3 * (cone @ heading)))  # ties: straight on
+            here = _centre_z(prob, here + step * cone[best], voxel)
+            heading = heading + cone[best]
+            heading /= np.linalg.norm(heading)
+            travelled += step
+            if kept[voxel_of(here)]:
+                if left:  # back in the foreground: another fragment's, or its own again
+                    near = [j for j in tree.query_ball_point(here, EXTEND_LEAVE) if j not in own]
+                    meet = min(near, key=lambda j: float(np.linalg.norm(pos_um[j] - here))) if near else -2
+                    break
+                if travelled > EXTEND_LEAVE:
+                    break
+                continue
+            left = True
+            path.append(here)
+            means.append(float(ray_mean[best]))
+            if len(means) >= EXTEND_WINDOW and np.mean(means[-EXTEND_WINDOW:]) < stop_mean:
+                break
+            near = [j for j in tree.query_ball_point(here, max(step, 1.0)) if j not in own]
+            if near:
+                meet = min(near, key=lambda j: float(np.linalg.norm(pos_um[j] - here)))
+                break
+        if meet == -2 or not path or (meet >= 0 and find(int(comp[meet])) == find(int(comp[tip]))):
+            continue  # lost in foreground, or a loop back onto its own fragment
+        if meet < 0:  # cut the trailing samples below the stop level
+            good = np.flatnonzero(np.asarray(means) >= stop_mean)
+            if not good.size:
+                continue
+            path, means = path[:good[-1] + 1], means[:good[-1] + 1]
+        if len(path) * step < EXTEND_MIN_LENGTH or len(means) <= EXTEND_SKIP or np.mean(means[EXTEND_SKIP:]) < min_mean:
+            continue
+        if meet >= 0:
+            root[find(int(comp[tip]))] = find(int(comp[meet]))
+        # A node every other sample (about one per voxel-size step), the last one included.
+        chosen = list(range(1, len(path), 2))
+        if meet < 0 and chosen[-1:] != [len(path) - 1]:
+            chosen.append(len(path) - 1)
+        prev = tip
+        for k in chosen:
+            index = n + len(new_pos)
+            new_pos.append(path[k] / voxel)
+            new_edges.append((prev, index))
+            source.append(tip)
+            prev = index
+        if meet >= 0:
+            new_edges.append((prev, meet))
+    if not new_pos:
+        return none
+    return np.asarray(new_pos), np.asarray(new_edges, np.int64), np.asarray(source, np.int64)
+
+
 def _smooth(pos: np.ndarray, edges: np.ndarray, fixed: np.ndarray) -> np.ndarray:
     """One 3-node moving average over degree-2 nodes; ends, branch points and ``fixed`` stay."""
     adj = _Adjacency(pos.shape[0], edges)
@@ -1100,6 +1288,9 @@ def trace_block(
     bridge_angle: float = 60.0,
     bridge_min_mean: float = 32.0,
     bridge_dim: bool | None = None,
+    extend: bool | None = None,
+    extend_min_mean: float = 44.0,
+    extend_length: float = 20.0,
 ) -> Fragments:
     """Trace one block of a neurite probability map by voxel scooping.
 
@@ -1149,6 +1340,13 @@ def trace_block(
         a bright one. ``False``: classic hysteresis, only components reaching ``high`` (and
         those touching a shared face) are traced; better for raw images, whose ``>= low``
         background structure bridging would otherwise bring in.
+    extend : bool, optional
+        Tip extension (``None``: yes): each tip's march along the probability ridge beyond
+        the foreground (:func:`extend_tips`) is kept when its mean probability reaches
+        ``extend_min_mean`` over at least 5 um, up to ``extend_length`` um. Off for raw
+        images, like ``bridge_dim``.
+    extend_min_mean, extend_length : float
+        Least mean probability (0-255) of a kept extension; longest march (um; 0 disables).
 
     Returns
     -------
@@ -1180,8 +1378,12 @@ def trace_block(
                       np.zeros(0, bool), voxel_size=tuple(voxel))  # fmt: skip
     options = dict(voxel_size=voxel_size, high=high, low=low, soma_radius=soma_radius, scoop=scoop,
                    spur_factor=spur_factor, min_length=min_length, smooth=smooth, bridge_distance=bridge_distance,
-                   bridge_angle=bridge_angle, bridge_min_mean=bridge_min_mean, bridge_dim=bridge_dim)  # fmt: skip
+                   bridge_angle=bridge_angle, bridge_min_mean=bridge_min_mean, bridge_dim=bridge_dim, extend=extend,
+                   extend_min_mean=extend_min_mean, extend_length=extend_length)  # fmt: skip
     bridge_dim = bridge_dim is not False
+    extend_length = extend_length if extend is not False else 0.0
+    # Tip extensions read up to this far beyond the foreground: a cropped trace must see it.
+    marching = _extension_reach(voxel, extend_length)
     # A sparse block is traced at the cost of its foreground's extent: first the box of
     # everything >= low (no labelling of empty space), then the box of what can be kept;
     # each holds the shared faces within bridging reach.
@@ -1189,6 +1391,7 @@ def trace_block(
     box = _bounding_box(above, grow=1)
     if box is None:
         return empty
+    box = _grown(box, marching, prob.shape)
     # Shared faces closer than this matter: bridges (and with them dim fragments) reach them.
     reach = np.ceil(bridge_distance / voxel).astype(np.int64) if bridge_dim else np.zeros(3, np.int64)
     box = _reach_faces(box, inner, port_faces, reach)
@@ -1202,7 +1405,7 @@ def trace_block(
     fg_all, active_all = _within_reach(prob, high, above, inner, port_faces, reach, chains=bridge_dim)
     if not fg_all[inner].any():
         return empty
-    box = _reach_faces(_bounding_box(fg_all, grow=1), inner, port_faces, reach)
+    box = _reach_faces(_grown(_bounding_box(fg_all, grow=1), marching, prob.shape), inner, port_faces, reach)
     if math.prod(b.stop - b.start for b in box) < 0.5 * prob.size:
         return _trace_cropped(prob, box, inner, port_faces, origin, seeds, **options)
     # From here on the foreground is a list of voxels (flat indices, sorted) with values
@@ -1300,6 +1503,17 @@ def trace_block(
     keep = ((lengths >= min_length) | anchored)[comp] & reachable[comp]
     _, edges = _renumber(keep, edges)
     pos, radius, soma, port, held, is_active = pos[keep], radius[keep], soma[keep], port[keep], held[keep], is_active[keep]
+    if extend_length > 0 and pos.shape[0]:
+        # The kept fragments' foreground: the components their nodes lie in.
+        node_vox = np.ravel_multi_index(tuple(np.clip(np.rint(pos).astype(np.int64), 0, np.asarray(fg.shape) - 1).T),
+                                        fg.shape)  # fmt: skip
+        kept_labels = _lookup(fg_index, labels, node_vox)
+        kept = _paint(fg.shape, fg_index[np.isin(labels, kept_labels[kept_labels > 0])])
+        new_pos, new_edges, source = extend_tips(prob, kept, pos, voxel, edges, held, min_mean=extend_min_mean,
+                                                 max_length=extend_length)  # fmt: skip
+        pos, edges = np.concatenate([pos, new_pos]), np.concatenate([edges, new_edges])
+        radius, is_active = np.concatenate([radius, radius[source]]), np.concatenate([is_active, is_active[source]])
+        soma, port, held = (np.concatenate([a, np.zeros(source.size, bool)]) for a in (soma, port, held))
     if smooth and pos.shape[0]:
         pos = _smooth(pos, edges, held)
     # Confidence: mean probability of the 3x3x3 voxels around each node (clipped at faces;
@@ -1318,6 +1532,17 @@ def trace_block(
             bridges[name] += off[k]
     return Fragments(pos + off, radius, confidence, edges, on_face, soma, bridges, active=is_active,
                      voxel_size=tuple(float(v) for v in voxel), port=port)  # fmt: skip
+
+
+def _extension_reach(voxel: np.ndarray, length: float) -> np.ndarray:
+    """Voxels per axis a tip extension of ``length`` um can read beyond its tip (look-ahead and z-centring included)."""
+    if length <= 0:
+        return np.zeros(3, np.int64)
+    return np.ceil((length + EXTEND_RAY * 2 * voxel.min()) / voxel).astype(np.int64) + 2
+
+
+def _grown(box: tuple[slice, ...], by: np.ndarray, shape: Sequence[int]) -> tuple[slice, ...]:
+    return tuple(slice(max(b.start - int(g), 0), min(b.stop + int(g), n)) for b, g, n in zip(box, by, shape, strict=True))
 
 
 def _reach_faces(box: tuple[slice, ...], inner: tuple[slice, ...], port_faces: Sequence[bool],
@@ -1496,7 +1721,8 @@ def trace_grid_block(prob: np.ndarray, block: Block, shape: Sequence[int], *, vo
                        soma_radius=config.soma_radius, scoop=config.scoop, spur_factor=config.spur_factor,
                        min_length=config.min_length, smooth=config.smooth, bridge_distance=config.bridge_distance,
                        bridge_angle=config.bridge_angle, bridge_min_mean=config.bridge_min_mean,
-                       bridge_dim=config.bridge_dim)  # fmt: skip
+                       bridge_dim=config.bridge_dim, extend=config.extend, extend_min_mean=config.extend_min_mean,
+                       extend_length=config.extend_length)  # fmt: skip
 
 
 def _trace_task(block: Block, *, image: str, folder: str, shape: tuple[int, int, int], voxel: Float3, raw: bool,
@@ -1507,8 +1733,8 @@ def _trace_task(block: Block, *, image: str, folder: str, shape: tuple[int, int,
 
     array = open_image(image)[0][0]
     frags = None
-    if raw and config.bridge_dim is None:
-        config = config.model_copy(update={"bridge_dim": False})  # see trace_block
+    if raw:  # see trace_block: raw images keep classic hysteresis and no tip extension
+        config = config.model_copy(update={k: False for k in ("bridge_dim", "extend") if getattr(config, k) is None})
     if raw or _stored_any(array, block.read):
         data = read_region(array, block.read, image)
         prob = raw_to_probability(data, voxel_size=voxel, high=config.high, low=config.low, k_high=config.k_high,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from neurotrace_dask.config import SynthConfig
 from neurotrace_dask.evaluate import evaluate
@@ -103,15 +104,53 @@ def test_a_dim_stretch_beyond_a_gap_joins_when_bridged(gap_value, kept):
     vol = np.maximum(vol, tube(vol.shape, (8, 10, 31), (8, 10, 33), 1.5, value=gap_value))
     tube(vol.shape, (8, 10, 34), (8, 10, 70), 1.5, value=90, out=vol)
     tube(vol.shape, (8, 30, 5), (8, 30, 70), 1.5, value=90, out=vol)  # dim, isolated
-    frags = trace_block(vol, high=150, low=64)
+    frags = trace_block(vol, high=150, low=64, extend=False)  # bridging alone (tip extension: below)
     swc = frags.to_swc()
     assert swc.n_trees == 1 and swc.zyx[:, 1].max() < 15
     assert frags.bridges.size == int(kept)
     assert (swc.zyx[:, 2].max() >= 66) == kept and swc.zyx[:, 2].min() <= 8
     assert frags.active.all()
     # Classic hysteresis (raw images): the dim stretch never counts.
-    classic = trace_block(vol, high=150, low=64, bridge_dim=False)
+    classic = trace_block(vol, high=150, low=64, bridge_dim=False, extend=False)
     assert classic.to_swc().n_trees == 1 and classic.positions[:, 2].max() <= 32
+
+
+def smoothed_noise(shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """White noise smoothed by a Gaussian of sigma 1 voxel, in units of its own deviation."""
+    noise = ndimage.gaussian_filter(np.random.default_rng(seed).standard_normal(shape), 1.0)
+    return noise / noise.std()
+
+
+def test_tip_extension_follows_a_dim_continuation():
+    # A bright tube goes on at 50: below low (64) everywhere, so no foreground and no bridge
+    # reaches it, but above extend_min_mean (44) along its course. The march follows it and
+    # stops near its end (short of it by about half its look-ahead); a shorter one stays.
+    vol = tube((16, 32, 120), (8, 16, 5), (8, 16, 40), 1.5, value=200)
+    tube(vol.shape, (8, 16, 41), (8, 16, 60), 1.5, value=50, out=vol)
+    tube(vol.shape, (8, 16, 61), (8, 16, 115), 1.5, value=20, out=vol)  # too dim to follow
+    assert trace_block(vol, extend=False).positions[:, 2].max() <= 41
+    frags = trace_block(vol)
+    assert 52 <= frags.positions[:, 2].max() <= 60 and np.abs(frags.positions[:, :2] - [8, 16]).max() < 1
+    assert frags.to_swc().n_trees == 1 and frags.active.all()
+    assert trace_block(vol, extend_min_mean=60).positions[:, 2].max() <= 41  # below the bar: not kept
+    assert trace_block(vol, extend_length=0).positions[:, 2].max() <= 41
+    # In a large block the tracer crops to the foreground's box, grown by the march's reach:
+    # the same extension.
+    padded = np.zeros((40, 140, 300), np.uint8)
+    padded[10:26, 50:82, 100:220] = vol
+    cropped = trace_block(padded)
+    assert cropped.n_nodes == frags.n_nodes and np.allclose(cropped.positions - [10, 50, 100], frags.positions)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_tip_extension_does_not_wander_into_noise(seed):
+    # The same bright tube ending in plain noise: no march is kept beyond its blur.
+    shape = (16, 32, 120)
+    signal = 12.0 * tube(shape, (8, 16, 5), (8, 16, 40), 1.5, value=1)
+    prob = np.clip(np.rint(16 * (signal + smoothed_noise(shape, seed))), 0, 255).astype(np.uint8)
+    with_extension, without = trace_block(prob), trace_block(prob, extend=False)
+    assert with_extension.to_swc().cable_length() <= without.to_swc().cable_length() + 1.0
+    assert with_extension.positions[:, 2].max() < 45
 
 
 def test_dim_chains_are_followed_and_far_specks_change_nothing():
