@@ -974,20 +974,102 @@ EXTEND_STOP = 8.0  # ... which lies this far below ``min_mean``
 EXTEND_SKIP = 3  # first samples (the tip's own fading edge) left out of the acceptance mean
 EXTEND_MIN_LENGTH = 5.0  # um: shorter extensions are the blur of a neurite's end, not a neurite
 EXTEND_LEAVE = 3.0  # um a march may run inside its own foreground before it must have left it
+EXTEND_EMPTY = 8.0  # a march whose best look-ahead is below this where it leaves the foreground has nothing to follow
 
 
-def _centre_z(prob: np.ndarray, point_um: np.ndarray, voxel: np.ndarray, half: int = 2) -> np.ndarray:
-    """``point_um`` moved in z to the probability-weighted centre of the ``2 half + 1`` voxels around it.
+_MARCH_DONE, _MARCH_BACK, _MARCH_LOST = 0, 1, 2  # how a march ended (see :func:`_march`)
 
-    The point spread is longest along the optical axis: a ridge march cannot place a dim
-    neurite in z by the best direction alone, where neighbouring directions score alike.
+
+@numba.njit(cache=True)
+def _march(prob, kept, start, heading, voxel, sphere, step, cos_cone, n_ray, stop_mean, empty, leave, window,
+           max_length):  # pragma: no cover - numba
+    """One ridge march from ``start`` (um) along ``heading``: its samples (um), their look-ahead
+    means, how it ended and, if it came back into ``kept``, where.
+
+    Each step goes ``step`` um in the direction of ``sphere`` within the cone whose next
+    ``n_ray`` steps have the highest mean probability (ties: straight on), then moves to the
+    probability-weighted centre of the 5 voxels around it in z (the point spread is longest
+    along the optical axis: neighbouring directions score alike there). Steps inside ``kept``
+    are not samples; the march is *lost* if it has not left it after ``leave`` um, ends
+    (*done*) if nothing is ahead (best mean below ``empty``) where it leaves it, and ends
+    (*back*) where it enters it again. It is also done when its last ``window`` means average
+    below ``stop_mean``, after ``max_length`` um, or at the edge of ``prob``.
     """
-    z, y, x = np.rint(point_um / voxel).astype(np.int64)
-    zs = np.arange(max(z - half, 0), min(z + half + 1, prob.shape[0]))
-    weights = prob[zs, y, x].astype(np.float64)
-    if weights.sum() <= 0:
-        return point_um
-    return np.array([(zs * weights).sum() / weights.sum() * voxel[0], point_um[1], point_um[2]])
+    nz, ny, nx = prob.shape
+    upper = np.array([nz - 1, ny - 1, nx - 1], np.float64)
+    n_max = int(max_length / step) + 2
+    path = np.empty((n_max, 3))
+    means = np.empty(n_max)
+    here = start.copy()
+    head = heading.copy()
+    back = np.zeros(3)
+    count = 0
+    travelled = 0.0
+    left = False
+    idx = np.empty(3, np.int64)
+    while travelled < max_length:
+        best, best_score, best_mean = -1, -1.0, 0.0
+        for d in range(sphere.shape[0]):
+            dot = sphere[d, 0] * head[0] + sphere[d, 1] * head[1] + sphere[d, 2] * head[2]
+            if dot < cos_cone:
+                continue
+            inside = True
+            for a in range(3):
+                q = here[a] + step * sphere[d, a]
+                if q < 0 or q > upper[a] * voxel[a]:
+                    inside = False
+            if not inside:
+                continue
+            total = 0.0
+            for k in range(1, n_ray + 1):
+                for a in range(3):
+                    v = np.rint((here[a] + k * step * sphere[d, a]) / voxel[a])
+                    idx[a] = int(min(max(v, 0.0), upper[a]))
+                total += prob[idx[0], idx[1], idx[2]]
+            mean = total / n_ray
+            score = mean + 1e-3 * dot
+            if score > best_score:
+                best, best_score, best_mean = d, score, mean
+        if best < 0:
+            break
+        for a in range(3):
+            here[a] += step * sphere[best, a]
+            head[a] += sphere[best, a]
+        norm = np.sqrt(head[0] ** 2 + head[1] ** 2 + head[2] ** 2)
+        for a in range(3):
+            head[a] /= norm
+        # z-centring over the 5 voxels around the point
+        z = int(min(max(np.rint(here[0] / voxel[0]), 0.0), upper[0]))
+        y = int(min(max(np.rint(here[1] / voxel[1]), 0.0), upper[1]))
+        x = int(min(max(np.rint(here[2] / voxel[2]), 0.0), upper[2]))
+        weight, moment = 0.0, 0.0
+        for zz in range(max(z - 2, 0), min(z + 3, nz)):
+            weight += prob[zz, y, x]
+            moment += zz * float(prob[zz, y, x])
+        if weight > 0:
+            here[0] = moment / weight * voxel[0]
+            z = int(min(max(np.rint(here[0] / voxel[0]), 0.0), upper[0]))
+        travelled += step
+        if kept[z, y, x]:
+            if left:
+                back[:] = here
+                return path[:count].copy(), means[:count].copy(), _MARCH_BACK, back
+            if travelled > leave:
+                return path[:0].copy(), means[:0].copy(), _MARCH_LOST, back
+            continue
+        if not left and best_mean < empty:
+            break
+        left = True
+        path[count] = here
+        means[count] = best_mean
+        count += 1
+        if count >= window:
+            recent = 0.0
+            for k in range(count - window, count):
+                recent += means[k]
+            if recent / window < stop_mean:
+                break
+    return path[:count].copy(), means[:count].copy(), _MARCH_DONE, back
 
 
 def extend_tips(
@@ -1004,14 +1086,14 @@ def extend_tips(
     """Follow the probability ridge beyond each tip, below the foreground threshold.
 
     A dim neurite often goes on where its foreground ends, too faint voxel by voxel but
-    clear along its course. From each tip (degree 1, not ``fixed``), a march steps
-    ``2 min(voxel)`` um at a time in the direction, within ``EXTEND_CONE`` degrees of its
-    heading, whose next ``EXTEND_RAY`` steps have the highest mean probability (then
-    centred in z, :func:`_centre_z`). It must leave the kept foreground ``kept`` within
-    ``EXTEND_LEAVE`` um, and stops when its last ``EXTEND_WINDOW`` ray means average below
-    ``min_mean - EXTEND_STOP``, after ``max_length`` um, at the edge of ``prob``, or where it
-    meets another fragment (a node within reach, or that fragment's foreground), to which it
-    then links. Its trailing samples below the stop level are cut; it is kept when it is at
+    clear along its course. From each tip (degree 1, not ``fixed``), a march (:func:`_march`)
+    steps ``2 min(voxel)`` um at a time in the direction, within ``EXTEND_CONE`` degrees of
+    its heading, whose next ``EXTEND_RAY`` steps have the highest mean probability, centred
+    in z. It must leave the kept foreground ``kept`` within ``EXTEND_LEAVE`` um, and stops
+    when its last ``EXTEND_WINDOW`` ray means average below ``min_mean - EXTEND_STOP``, after
+    ``max_length`` um, at the edge of ``prob``, or where it meets another fragment (a node
+    within reach, or that fragment's foreground), to which it then links (never back to its
+    own). Its trailing samples below the stop level are cut; it is kept when it is at
     least ``EXTEND_MIN_LENGTH`` um long and its ray means (bar the first ``EXTEND_SKIP``)
     average at least ``min_mean``. Noise rarely averages that high over several um; a real
     neurite's end falls below it within its blur.
@@ -1073,56 +1155,42 @@ def extend_tips(
 
     tree = cKDTree(pos_um)
     step = 2 * float(voxel.min())
-    upper = np.asarray(prob.shape) - 1
-    ahead = np.arange(1, EXTEND_RAY + 1)[:, None, None] * step
     cos_cone = math.cos(math.radians(EXTEND_CONE))
     stop_mean = min_mean - EXTEND_STOP
+    prob = np.ascontiguousarray(prob)
+    kept = np.ascontiguousarray(kept, dtype=bool)
     new_pos: list[np.ndarray] = []
     new_edges: list[tuple[int, int]] = []
     source: list[int] = []
 
-    def voxel_of(point_um: np.ndarray) -> tuple[int, ...]:
-        return tuple(np.clip(np.rint(point_um / voxel).astype(np.int64), 0, upper).tolist())
+    def nearest_other(point: np.ndarray, reach: float, own: set[int]) -> int:
+        near = [j for j in tree.query_ball_point(point, reach) if j not in own]
+        return min(near, key=lambda j: float(np.linalg.norm(pos_um[j] - point))) if near else -1
 
     for tip in np.flatnonzero((adj.degree == 1) & ~np.asarray(fixed, bool)).tolist():
         heading = _tip_direction(pos_um, adj, tip)
         if heading is None:
             continue
+        samples, means, ended, back = _march(prob, kept, pos_um[tip].copy(), heading, voxel, _SPHERE, step, cos_cone,
+                                             EXTEND_RAY, stop_mean, EXTEND_EMPTY, EXTEND_LEAVE, EXTEND_WINDOW,
+                                             float(max_length))  # fmt: skip
+        if ended == _MARCH_LOST or not len(samples):
+            continue
         own = set(tree.query_ball_point(pos_um[tip], 3 * step))
-        here, path, means = pos_um[tip], [], []
-        travelled, left, meet = 0.0, False, -1
-        while travelled < max_length:
-            cone = _SPHERE[_SPHERE @ heading >= cos_cone]
-            nxt = here + step * cone
-            cone = cone[np.all((nxt >= 0) & (nxt <= upper * voxel), axis=1)]
-            if not cone.size:
+        path, means, meet = list(samples), list(means), -1
+        # The march ends where it first comes within reach of another fragment's node...
+        for k, near in enumerate(tree.query_ball_point(samples, max(step, 1.0))):
+            if any(j not in own for j in near):
+                meet = nearest_other(samples[k], max(step, 1.0), own)
+                path, means = path[:k + 1], means[:k + 1]
                 break
-            rays = np.clip(np.rint((here + ahead * cone) / voxel).astype(np.int64), 0, upper)
-            ray_mean = prob[rays[..., 0], rays[..., 1], rays[..., 2]].mean(axis=0)
-            best = int(np.argmax(ray_mean + 1e-3 * (cone @ heading)))  # ties: straight on
-            here = _centre_z(prob, here + step * cone[best], voxel)
-            heading = heading + cone[best]
-            heading /= np.linalg.norm(heading)
-            travelled += step
-            if kept[voxel_of(here)]:
-                if left:  # back in the foreground: another fragment's, or its own again
-                    near = [j for j in tree.query_ball_point(here, EXTEND_LEAVE) if j not in own]
-                    meet = min(near, key=lambda j: float(np.linalg.norm(pos_um[j] - here))) if near else -2
-                    break
-                if travelled > EXTEND_LEAVE:
-                    break
-                continue
-            left = True
-            path.append(here)
-            means.append(float(ray_mean[best]))
-            if len(means) >= EXTEND_WINDOW and np.mean(means[-EXTEND_WINDOW:]) < stop_mean:
-                break
-            near = [j for j in tree.query_ball_point(here, max(step, 1.0)) if j not in own]
-            if near:
-                meet = min(near, key=lambda j: float(np.linalg.norm(pos_um[j] - here)))
-                break
-        if meet == -2 or not path or (meet >= 0 and find(int(comp[meet])) == find(int(comp[tip]))):
-            continue  # lost in foreground, or a loop back onto its own fragment
+        else:  # ... or where it came back into the foreground: the fragment there, if any
+            if ended == _MARCH_BACK:
+                meet = nearest_other(back, EXTEND_LEAVE, own)
+                if meet < 0:
+                    continue
+        if meet >= 0 and find(int(comp[meet])) == find(int(comp[tip])):
+            continue  # a loop back onto its own fragment
         if meet < 0:  # cut the trailing samples below the stop level
             good = np.flatnonzero(np.asarray(means) >= stop_mean)
             if not good.size:
