@@ -37,7 +37,11 @@ How it works
    probability sampled along the straight bridge is ``>= bridge_min_mean``. Every
    bridge is recorded for review. Then fragments with no active node are dropped, except
    near a shared block face (the stitch decides those, after bridging across the face).
-6. **Smoothing**: a 3-node moving average along paths (ends and branch points fixed).
+6. **Tip extension** (:func:`extend_tips`, on for probability maps): from each tip a march
+   follows the probability ridge beyond the foreground, below ``low``, and is kept when its
+   mean probability reaches ``extend_min_mean`` over at least 5 um: a dim neurite's
+   continuation, too faint voxel by voxel, clear along its course.
+7. **Smoothing**: a 3-node moving average along paths (ends and branch points fixed).
 
 Examples
 --------
