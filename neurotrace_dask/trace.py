@@ -87,9 +87,9 @@ from .io.swc import SWC
 if TYPE_CHECKING:
     from distributed import Client
 
-__all__ = ["BRIDGE_DTYPE", "Fragments", "TraceResult", "block_faces", "bridge_tips", "extend_tips", "gap_mean", "hysteresis",
-           "line_voxels", "measure_noise", "raw_to_probability", "read_seeds", "trace_block", "trace_grid_block",
-           "trace_volume"]
+__all__ = ["BRIDGE_DTYPE", "Fragments", "TraceResult", "block_faces", "bridge_tips", "extend_tips", "gap_mean",
+           "hysteresis", "line_voxels", "measure_noise", "raw_to_probability", "read_seeds", "trace_block",
+           "trace_grid_block", "trace_volume"]
 
 Float3 = tuple[float, float, float]
 
@@ -966,11 +966,17 @@ def bridge_tips(
     return edges, records
 
 
-#: Tip extension (:func:`extend_tips`): directions tried at each step, a fixed even spread
-#: over the sphere (Fibonacci lattice) of which those within the cone are used.
-_SPHERE = (lambda i: np.stack([1 - 2 * i / 400, np.sqrt(1 - (1 - 2 * i / 400) ** 2) * np.sin(np.pi * (1 + 5**0.5) * i),
-                               np.sqrt(1 - (1 - 2 * i / 400) ** 2) * np.cos(np.pi * (1 + 5**0.5) * i)], axis=1))(
-    np.arange(400) + 0.5)  # fmt: skip
+def _fibonacci_sphere(n: int) -> np.ndarray:
+    """``n`` unit vectors spread evenly over the sphere (a Fibonacci lattice), as (n, 3)."""
+    i = np.arange(n) + 0.5
+    z = 1 - 2 * i / n
+    turn = np.pi * (1 + 5**0.5) * i
+    return np.stack([z, np.sqrt(1 - z**2) * np.sin(turn), np.sqrt(1 - z**2) * np.cos(turn)], axis=1)
+
+
+#: Tip extension (:func:`extend_tips`): the directions tried at each step are those of
+#: these within the cone around the march's heading.
+_SPHERE = _fibonacci_sphere(400)
 EXTEND_CONE = 45.0  # degrees a step may turn from the march's direction
 EXTEND_RAY = 6  # steps looked ahead: a direction scores the mean probability along them
 EXTEND_WINDOW = 5  # a march stops when its last samples average below the stop level...
