@@ -1092,7 +1092,7 @@ def extend_tips(
     *,
     min_mean: float,
     max_length: float,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[tuple]]:
     """Follow the probability ridge beyond each tip, below the foreground threshold.
 
     A dim neurite often goes on where its foreground ends, too faint voxel by voxel but
@@ -1133,6 +1133,9 @@ def extend_tips(
         Edges joining them to their tips, to each other and to the fragments they met.
     source : (k,) int64
         The tip each new node extends (for its radius and activity).
+    links : list of (z, y, x, length_um, mean)
+        The extensions that joined two fragments, as :data:`BRIDGE_DTYPE` records (their
+        midpoint in voxels, length and mean probability): gaps closed, for review.
 
     Examples
     --------
@@ -1140,15 +1143,15 @@ def extend_tips(
 
     >>> prob = np.zeros((5, 5, 40), np.uint8); prob[1:4, 1:4, :10] = 200; prob[1:4, 1:4, 10:30] = 40
     >>> pos, edges = np.array([[2., 2, 1], [2, 2, 5], [2, 2, 9]]), np.array([[0, 1], [1, 2]])
-    >>> new, links, source = extend_tips(prob, prob >= 64, pos, np.ones(3), edges, np.array([True, False, False]),
-    ...                                  min_mean=30, max_length=40)
-    >>> round(float(new[:, 2].max())), links[0].tolist(), set(source.tolist())
-    (23, [2, 3], {2})
+    >>> new, new_edges, source, links = extend_tips(prob, prob >= 64, pos, np.ones(3), edges,
+    ...                                             np.array([True, False, False]), min_mean=30, max_length=40)
+    >>> round(float(new[:, 2].max())), new_edges[0].tolist(), set(source.tolist()), links
+    (23, [2, 3], {2}, [])
 
     (It ends short of the dim stretch's end, x = 29, by about half the look-ahead.)
     """
     n = pos.shape[0]
-    none = np.zeros((0, 3)), np.zeros((0, 2), np.int64), np.zeros(0, np.int64)
+    none = np.zeros((0, 3)), np.zeros((0, 2), np.int64), np.zeros(0, np.int64), []
     if max_length <= 0 or n < 2:
         return none
     pos_um = pos * voxel
@@ -1172,10 +1175,15 @@ def extend_tips(
     new_pos: list[np.ndarray] = []
     new_edges: list[tuple[int, int]] = []
     source: list[int] = []
+    links: list[tuple] = []
+    reach = 1.5 * step  # a march this close to another fragment's node has met it
+    # Nodes the marches can meet: the fragments', and those of the extensions kept so far
+    # (two tips facing each other across a long gap must not both fill it).
+    targets, extended = pos_um, tree
 
-    def nearest_other(point: np.ndarray, reach: float, own: set[int]) -> int:
-        near = [j for j in tree.query_ball_point(point, reach) if j not in own]
-        return min(near, key=lambda j: float(np.linalg.norm(pos_um[j] - point))) if near else -1
+    def nearest_other(point: np.ndarray, radius: float, own: set[int]) -> int:
+        near = [j for j in extended.query_ball_point(point, radius) if j not in own]
+        return min(near, key=lambda j: float(np.linalg.norm(targets[j] - point))) if near else -1
 
     for tip in np.flatnonzero((adj.degree == 1) & ~np.asarray(fixed, bool)).tolist():
         heading = _tip_direction(pos_um, adj, tip)
@@ -1188,10 +1196,13 @@ def extend_tips(
             continue
         own = set(tree.query_ball_point(pos_um[tip], 3 * step))
         path, means, meet = list(samples), list(means), -1
+        if len(new_pos) + n != len(targets):
+            targets = np.concatenate([pos_um, np.asarray(new_pos) * voxel])
+            extended = cKDTree(targets)
         # The march ends where it first comes within reach of another fragment's node...
-        for k, near in enumerate(tree.query_ball_point(samples, max(step, 1.0))):
+        for k, near in enumerate(extended.query_ball_point(samples, reach)):
             if any(j not in own for j in near):
-                meet = nearest_other(samples[k], max(step, 1.0), own)
+                meet = nearest_other(samples[k], reach, own)
                 path, means = path[:k + 1], means[:k + 1]
                 break
         else:  # ... or where it came back into the foreground: the fragment there, if any
@@ -1199,7 +1210,7 @@ def extend_tips(
                 meet = nearest_other(back, EXTEND_LEAVE, own)
                 if meet < 0:
                     continue
-        if meet >= 0 and find(int(comp[meet])) == find(int(comp[tip])):
+        if meet >= 0 and find(int(comp[meet if meet < n else source[meet - n]])) == find(int(comp[tip])):
             continue  # a loop back onto its own fragment
         if meet < 0:  # cut the trailing samples below the stop level
             good = np.flatnonzero(np.asarray(means) >= stop_mean)
@@ -1209,7 +1220,11 @@ def extend_tips(
         if len(path) * step < EXTEND_MIN_LENGTH or len(means) <= EXTEND_SKIP or np.mean(means[EXTEND_SKIP:]) < min_mean:
             continue
         if meet >= 0:
-            root[find(int(comp[tip]))] = find(int(comp[meet]))
+            root[find(int(comp[tip]))] = find(int(comp[meet if meet < n else source[meet - n]]))
+            line = np.concatenate([pos_um[[tip]], np.asarray(path), targets[[meet]]])
+            mid = line[len(line) // 2] / voxel
+            length = float(np.linalg.norm(np.diff(line, axis=0), axis=1).sum())
+            links.append((mid[0], mid[1], mid[2], length, float(np.mean(means))))
         # A node every other sample (about one per voxel-size step), the last one included.
         chosen = list(range(1, len(path), 2))
         if meet < 0 and chosen[-1:] != [len(path) - 1]:
@@ -1224,8 +1239,8 @@ def extend_tips(
         if meet >= 0:
             new_edges.append((prev, meet))
     if not new_pos:
-        return none
-    return np.asarray(new_pos), np.asarray(new_edges, np.int64), np.asarray(source, np.int64)
+        return none[0], np.asarray(new_edges, np.int64).reshape(-1, 2), none[2], links
+    return np.asarray(new_pos), np.asarray(new_edges, np.int64), np.asarray(source, np.int64), links
 
 
 def _smooth(pos: np.ndarray, edges: np.ndarray, fixed: np.ndarray) -> np.ndarray:
@@ -1587,8 +1602,9 @@ def trace_block(
                                         fg.shape)  # fmt: skip
         kept_labels = _lookup(fg_index, labels, node_vox)
         kept = _paint(fg.shape, fg_index[np.isin(labels, kept_labels[kept_labels > 0])])
-        new_pos, new_edges, source = extend_tips(prob, kept, pos, voxel, edges, held, min_mean=extend_min_mean,
-                                                 max_length=extend_length)  # fmt: skip
+        new_pos, new_edges, source, links = extend_tips(prob, kept, pos, voxel, edges, held, min_mean=extend_min_mean,
+                                                        max_length=extend_length)  # fmt: skip
+        records += links  # linking extensions are closed gaps, listed for review like bridges
         pos, edges = np.concatenate([pos, new_pos]), np.concatenate([edges, new_edges])
         radius, is_active = np.concatenate([radius, radius[source]]), np.concatenate([is_active, is_active[source]])
         soma, port, held = (np.concatenate([a, np.zeros(source.size, bool)]) for a in (soma, port, held))

@@ -142,6 +142,18 @@ def test_tip_extension_follows_a_dim_continuation():
     assert cropped.n_nodes == frags.n_nodes and np.allclose(cropped.positions - [10, 50, 100], frags.positions)
 
 
+def test_tip_extension_links_fragments_and_lists_the_link_for_review():
+    # Two bright tubes 20 um apart (beyond bridging's 6 um) joined by a dim stretch at 50.
+    vol = tube((16, 32, 100), (8, 16, 5), (8, 16, 35), 1.5, value=200)
+    tube(vol.shape, (8, 16, 36), (8, 16, 55), 1.5, value=50, out=vol)
+    tube(vol.shape, (8, 16, 56), (8, 16, 95), 1.5, value=200, out=vol)
+    assert trace_block(vol, extend=False).to_swc().n_trees == 2
+    frags = trace_block(vol)
+    assert frags.to_swc().n_trees == 1
+    assert frags.bridges.size == 1 and 15 <= frags.bridges["length_um"][0] <= 25
+    assert 35 <= frags.bridges["x"][0] <= 56 and frags.bridges["mean_probability"][0] >= 44
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_tip_extension_does_not_wander_into_noise(seed):
     # The same bright tube ending in plain noise: no march is kept beyond its blur.
