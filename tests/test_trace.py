@@ -124,7 +124,7 @@ def smoothed_noise(shape: tuple[int, ...], seed: int) -> np.ndarray:
 def test_tip_extension_follows_a_dim_continuation():
     # A bright tube goes on at 50: below low (64) everywhere, so no foreground and no bridge
     # reaches it, but above extend_min_mean (44) along its course. The march follows it and
-    # stops near its end (short of it by about half its look-ahead); a shorter one stays.
+    # stops near its end (short of it by about half its look-ahead), not in the fainter rest.
     vol = tube((16, 32, 120), (8, 16, 5), (8, 16, 40), 1.5, value=200)
     tube(vol.shape, (8, 16, 41), (8, 16, 60), 1.5, value=50, out=vol)
     tube(vol.shape, (8, 16, 61), (8, 16, 115), 1.5, value=20, out=vol)  # too dim to follow
@@ -156,7 +156,7 @@ def test_tip_extension_links_fragments_and_lists_the_link_for_review():
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_tip_extension_does_not_wander_into_noise(seed):
-    # The same bright tube ending in plain noise: no march is kept beyond its blur.
+    # A bright tube ending in smoothed noise (16 per noise unit): no march is kept beyond its blur.
     shape = (16, 32, 120)
     signal = 12.0 * tube(shape, (8, 16, 5), (8, 16, 40), 1.5, value=1)
     prob = np.clip(np.rint(16 * (signal + smoothed_noise(shape, seed))), 0, 255).astype(np.uint8)
