@@ -165,14 +165,10 @@ def stage_card() -> None:
     from neurotrace_dask.evaluate import evaluate
     from neurotrace_dask.model import load_checkpoint
     from neurotrace_dask.predict import predict_array
-    from neurotrace_dask.trace import raw_to_probability, trace_block
+    from neurotrace_dask.trace import raw_to_probability, trace_block, trace_options
 
     torch.set_num_threads(2)
-    trace = TraceConfig()
-    kw = dict(high=trace.high, low=trace.low, soma_radius=trace.soma_radius, scoop=trace.scoop,
-              spur_factor=trace.spur_factor, min_length=trace.min_length, smooth=trace.smooth,
-              bridge_distance=trace.bridge_distance, bridge_angle=trace.bridge_angle,
-              bridge_min_mean=trace.bridge_min_mean)  # fmt: skip
+    kw = trace_options(TraceConfig())
     from neurotrace_dask.select import open_pool, read_subset
 
     pool = open_pool(POOL)
@@ -211,7 +207,8 @@ def stage_card() -> None:
             probs[name] = predict_array(image, ckpt, PredictConfig(device="cpu", halo=16))
             seconds[name] = time.perf_counter() - t
         for name, prob in probs.items():
-            frag = trace_block(prob, voxel_size=voxel, **kw, bridge_dim=name != "raw" and None, extend=name != "raw" and None)
+            dim = name != "raw" and None  # classic hysteresis, no extension for a raw image's map
+            frag = trace_block(prob, voxel_size=voxel, **{**kw, "bridge_dim": dim, "extend": dim})
             f1 = 0.0
             scores = {}
             if frag.n_nodes:

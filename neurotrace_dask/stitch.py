@@ -161,6 +161,8 @@ def join_fragments(
     bridge_distance: float = 6.0,
     bridge_angle: float = 60.0,
     bridge_min_mean: float = 32.0,
+    bridge_facing_distance: float = 12.0,
+    bridge_facing_min_mean: float = 24.0,
 ) -> Neurons:
     """Join per-block fragment records into one forest of neurons.
 
@@ -174,7 +176,8 @@ def join_fragments(
     low : float
         The tracer's low threshold; nodes whose confidence (x 255) falls below it mark
         low-confidence stretches for review.
-    spur_factor, min_length, bridge_distance, bridge_angle, bridge_min_mean
+    spur_factor, min_length, bridge_distance, bridge_angle, bridge_min_mean, bridge_facing_distance, \
+bridge_facing_min_mean
         As for :func:`neurotrace_dask.trace.trace_block`.
 
     Returns
@@ -198,6 +201,7 @@ def join_fragments(
         n += frags.n_nodes
     voxel = np.asarray(voxel_size, np.float64)
     review: list[dict] = []
+    reach = max(bridge_distance, bridge_facing_distance)  # the longest bridge, for the review's risk
     if n == 0:
         empty = Fragments(np.zeros((0, 3)), np.zeros(0), np.zeros(0), np.zeros((0, 2), np.int64), np.zeros(0, bool),
                           np.zeros(0, bool), voxel_size=voxel_size)  # fmt: skip
@@ -209,7 +213,7 @@ def join_fragments(
     for r in np.concatenate(parts["bridges"]):
         review.append(dict(kind="bridge", z=r["z"], y=r["y"], x=r["x"], length_um=r["length_um"],
                            confidence=r["mean_probability"] / 255, risk=_bridge_risk(r["length_um"],
-                           r["mean_probability"], bridge_distance)))  # fmt: skip
+                           r["mean_probability"], reach)))  # fmt: skip
 
     # 1. Port identity (and twins along shared faces).
     rep = _merge_groups(pos, soma | port, on_face, block, voxel)
@@ -243,10 +247,12 @@ def join_fragments(
     # 3. Gaps across block faces.
     if sample is not None:
         edges, records_ = bridge_tips(pos, voxel, edges, soma, sample, distance=bridge_distance, angle=bridge_angle,
-                                      min_mean=bridge_min_mean, allowed=lambda t, j: block[t] != block[j])  # fmt: skip
+                                      min_mean=bridge_min_mean, facing_distance=bridge_facing_distance,
+                                      facing_min_mean=bridge_facing_min_mean,
+                                      allowed=lambda t, j: block[t] != block[j])  # fmt: skip
         for z, y, x, length, mean in records_:
             review.append(dict(kind="bridge", z=z, y=y, x=x, length_um=length, confidence=mean / 255,
-                               risk=_bridge_risk(length, mean, bridge_distance)))  # fmt: skip
+                               risk=_bridge_risk(length, mean, reach)))  # fmt: skip
 
     # Hysteresis across blocks, after bridging: a neuron needs a bright voxel somewhere.
     _, comp = connected_components(coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(n, n)),

@@ -466,7 +466,7 @@ def validate(
     """
     from .evaluate import evaluate
     from .predict import predict_array
-    from .trace import trace_block
+    from .trace import trace_block, trace_options
 
     trace = trace or TraceConfig()
     rng = np.random.default_rng(0)
@@ -486,11 +486,7 @@ def validate(
         dice = float(2 * (pred & mask).sum() / max(1, pred.sum() + mask.sum()))
         row: dict[str, Any] = {"name": v.name, "dice": dice}
         if v.gold is not None:
-            frag = trace_block(prob, voxel_size=v.voxel_size, high=trace.high, low=trace.low,
-                               soma_radius=trace.soma_radius, scoop=trace.scoop, spur_factor=trace.spur_factor,
-                               min_length=trace.min_length, smooth=trace.smooth,
-                               bridge_distance=trace.bridge_distance, bridge_angle=trace.bridge_angle,
-                               bridge_min_mean=trace.bridge_min_mean)  # fmt: skip
+            frag = trace_block(prob, voxel_size=v.voxel_size, **trace_options(trace))
             if frag.n_nodes:
                 result = evaluate(v.gold, frag.to_swc(), voxel_size_zyx=v.voxel_size,
                                   tau=TAU_XY_VOXELS * v.voxel_size[2]).to_dict()  # fmt: skip

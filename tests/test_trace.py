@@ -200,12 +200,42 @@ def test_gap_bridging_joins_and_records():
     assert frags.bridges.size == 1
     b = frags.bridges[0]
     assert 30 <= b["x"] <= 34 and 3 <= b["length_um"] <= 6 and b["mean_probability"] >= 50
-    # Disabled, or a gap too dark for the bar: two trees, nothing recorded.
-    for options in ({"bridge_distance": 0}, {"bridge_min_mean": 200}):
+    # Disabled, or a gap too dark for the bars: two trees, nothing recorded.
+    for options in ({"bridge_distance": 0}, {"bridge_min_mean": 200, "bridge_facing_min_mean": 200}):
         frags = trace_block(vol, high=150, low=100, **options)
         assert frags.to_swc().n_trees == 2 and frags.bridges.size == 0
     # Background (0) in the gap never bridges at the default bar.
     assert trace_block(gapped_tube(0), high=150, low=100, bridge_min_mean=50).to_swc().n_trees == 2
+
+
+def test_facing_tips_bridge_longer_dimmer_gaps():
+    # A neurite broken in two by a 9-voxel gap lit at 28 (under the general bar of 32, over
+    # the facing tips' 24), and the same tip aimed at the side of a crossing neurite instead.
+    vol = tube((16, 40, 70), (8, 20, 5), (8, 20, 28), 1.5)
+    tube(vol.shape, (8, 20, 38), (8, 20, 64), 1.5, out=vol)
+    vol = np.maximum(vol, tube(vol.shape, (8, 20, 29), (8, 20, 37), 1.5, value=28))
+    frags = trace_block(vol, high=150, low=100, extend=False)
+    assert frags.to_swc().n_trees == 1 and frags.bridges.size == 1
+    assert 8 <= frags.bridges[0]["length_um"] <= 12
+    for options in ({"bridge_facing_distance": 6.0}, {"bridge_facing_min_mean": 32.0}):
+        assert trace_block(vol, high=150, low=100, extend=False, **options).to_swc().n_trees == 2
+    side = tube((16, 40, 70), (8, 20, 5), (8, 20, 28), 1.5)
+    tube(side.shape, (8, 2, 38), (8, 38, 38), 1.5, out=side)
+    side = np.maximum(side, tube(side.shape, (8, 20, 29), (8, 20, 36), 1.5, value=28))
+    assert trace_block(side, high=150, low=100, extend=False).to_swc().n_trees == 2
+
+
+def test_review_lists_only_bridges_that_stay():
+    # Two dim pieces (never >= high) bridged to each other and to nothing bright are dropped,
+    # and so is their bridge: the review list holds only what the output shows.
+    vol = tube((16, 30, 70), (8, 15, 5), (8, 15, 30), 1.5, value=120)
+    tube(vol.shape, (8, 15, 34), (8, 15, 64), 1.5, value=120, out=vol)
+    vol = np.maximum(vol, tube(vol.shape, (8, 15, 31), (8, 15, 33), 1.5, value=60))
+    frags = trace_block(vol, high=150, low=100)
+    assert frags.n_nodes == 0 and frags.bridges.size == 0
+    vol[8, 15, 10] = 200  # one bright voxel: now both pieces and the bridge stay
+    frags = trace_block(vol, high=150, low=100)
+    assert frags.to_swc().n_trees == 1 and frags.bridges.size == 1
 
 
 @pytest.mark.parametrize("behind, joined", [(False, True), (True, False)])
