@@ -963,25 +963,26 @@ def bridge_tips(
         dt_ = direction[t]
         if dt_ is None:
             continue
+        near = np.asarray(tree.query_ball_point(pos_um[t], max(distance, facing_distance)), np.int64)
+        offset = pos_um[near] - pos_um[t]
+        lengths = np.linalg.norm(offset, axis=1)
+        ahead = (lengths > 0) & (offset @ dt_ >= cos_max * lengths)
         best = None
-        for j in sorted(tree.query_ball_point(pos_um[t], max(distance, facing_distance))):
+        # Nearest first (ties: lowest index): the first candidate that passes is the bridge.
+        for k in np.flatnonzero(ahead)[np.lexsort((near[ahead], lengths[ahead]))].tolist():
+            j, length = int(near[k]), float(lengths[k])
             if find(int(comp[j])) == find(int(comp[t])) or (allowed is not None and not allowed(t, j)):
                 continue
-            v = pos_um[j] - pos_um[t]
-            length = float(np.linalg.norm(v))
-            if length == 0 or float(v @ dt_) / length < cos_max:
-                continue
             dj = direction.get(j)
-            if dj is not None and float(-v @ dj) / length < cos_max:
+            if dj is not None and float(-offset[k] @ dj) < cos_max * length:
                 continue  # linking two tips: both must point at each other
             facing = dj is not None
             if length > (facing_distance if facing else distance):
                 continue
             mean = sample(pos[t], pos[j])
-            if mean < (facing_min_mean if facing else min_mean):
-                continue
-            if best is None or length < best[1]:
+            if mean >= (facing_min_mean if facing else min_mean):
                 best = (j, length, mean)
+                break
         if best is None:
             continue
         j, length, mean = best
