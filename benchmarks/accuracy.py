@@ -426,7 +426,8 @@ def op_gold_mask(gold: SWC, shape: tuple[int, ...]) -> np.ndarray:
 # --------------------------------------------------------------------------- cases
 
 
-def op_cases(numbers: list[int], intensities: tuple[float, ...]) -> Iterator[Case]:
+def op_cases(numbers: list[int], intensities: tuple[float, ...], standin_seed: int = 0) -> Iterator[Case]:
+    """The DIADEM OP cases; ``standin_seed`` offsets the stand-in map's noise seed (held-out draws)."""
     folder = SHARED / "diadem_op"
     for n in numbers:
         real = tifffile.imread(folder / "stacks" / f"OP_{n}.tif")
@@ -437,16 +438,18 @@ def op_cases(numbers: list[int], intensities: tuple[float, ...]) -> Iterator[Cas
             params = SynthConfig(seed=n)
             image = dim_real_image(real, intensity, params)
             photons = real.astype(np.float32) * np.float32(params.full_scale_photons / np.iinfo(real.dtype).max * intensity)
-            standin = standin_probability(photons * mask, photons + params.background_photons, params, [n, j])
+            standin = standin_probability(photons * mask, photons + params.background_photons, params,
+                                          [n + standin_seed, j])  # fmt: skip
             tuning = n == 1 and intensity in TUNING_INTENSITIES
             yield Case(f"OP_{n}", "OP", intensity, image, gold, OP_VOXEL, tuning=tuning, standin=standin,
                        weak_gold=weak_gold, weak_info=weak_info)  # fmt: skip
 
 
-def rendered_cases(names: list[str], intensities: tuple[float, ...]) -> Iterator[Case]:
+def rendered_cases(names: list[str], intensities: tuple[float, ...], random_seed: int = 5) -> Iterator[Case]:
+    """Cells rendered from shared morphologies, or ``"random"``: a random neuron of ``random_seed``."""
     for i, name in enumerate(names):
         if name == "random":
-            cell = random_morphology(5)
+            cell = random_morphology(random_seed)
         else:
             cell = load_morphology(SHARED / "morphologies" / name)
         for j, intensity in enumerate(intensities):

@@ -232,7 +232,7 @@ class TraceConfig(_Strict):
     bridge_distance: NonNegative = 6.0  # largest gap bridged; 0 disables bridging
     bridge_angle: Annotated[float, Field(ge=0, le=180)] = 60.0  # largest turn, degrees
     bridge_min_mean: Annotated[float, Field(ge=0, le=255)] = 32.0  # least mean probability along a bridge
-    bridge_facing_distance: NonNegative = 12.0  # the same for two tips pointing at each other
+    bridge_facing_distance: NonNegative = 9.0  # the same for two tips pointing at each other
     bridge_facing_min_mean: Annotated[float, Field(ge=0, le=255)] = 24.0
     bridge_dim: bool | None = None  # hysteresis after bridging; None: on, off for raw input
     extend: bool | None = None  # tip extension along the dim ridge; None: on, off for raw input

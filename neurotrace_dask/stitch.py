@@ -161,7 +161,7 @@ def join_fragments(
     bridge_distance: float = 6.0,
     bridge_angle: float = 60.0,
     bridge_min_mean: float = 32.0,
-    bridge_facing_distance: float = 12.0,
+    bridge_facing_distance: float = 9.0,
     bridge_facing_min_mean: float = 24.0,
 ) -> Neurons:
     """Join per-block fragment records into one forest of neurons.

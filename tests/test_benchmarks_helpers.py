@@ -116,3 +116,15 @@ def test_weak_ceiling_share_of_cable_above_each_threshold():
         # 3x3x3 maxima: the 80 reaches one voxel past its end (x 12), so 11 of 20 voxels' length.
         shares = ceiling.ceiling(prob, line, np.array([1.0, 0.5, 0.5]), thresholds=(64.0, 32.0, 100.0))
         assert shares == pytest.approx([0.525, 1.0, 0.0], abs=0.02)
+
+
+def test_facing_bridges_choice_keeps_precision():
+    with benchmark_module("facing_bridges") as facing:
+        assert doctest.testmod(facing).failed == 0
+        # The looser setting finds more (higher F1) but loses precision in one cell: the next best wins.
+        rows = [{"setting": s, "series": series, "intensity": i, "f1": f, "precision": p}
+                for s, f, p_op, p_ren in [((6.0, 32.0), 0.80, 0.97, 0.99), ((12.0, 24.0), 0.82, 0.968, 0.99),
+                                          ((15.0, 20.0), 0.85, 0.97, 0.98)]
+                for series, p in (("OP", p_op), ("rendered", p_ren)) for i in (1.0, 0.25)]  # fmt: skip
+        assert facing.choose(rows) == (12.0, 24.0)
+        assert facing.choose(rows, slack=0.02) == (15.0, 20.0)
