@@ -176,9 +176,10 @@ def join_fragments(
     low : float
         The tracer's low threshold; nodes whose confidence (x 255) falls below it mark
         low-confidence stretches for review.
-    spur_factor, min_length, bridge_distance, bridge_angle, bridge_min_mean, bridge_facing_distance, \
-bridge_facing_min_mean
+    spur_factor, min_length, bridge_distance, bridge_angle, bridge_min_mean
         As for :func:`neurotrace_dask.trace.trace_block`.
+    bridge_facing_distance, bridge_facing_min_mean
+        As for :func:`neurotrace_dask.trace.trace_block`: two tips pointing at each other.
 
     Returns
     -------

@@ -918,8 +918,7 @@ def bridge_tips(
     least ``min_mean``. Two tips that point at each other link under limits of their own,
     ``facing_distance`` um and ``facing_min_mean`` (default: never): both directions
     agreeing is evidence of one neurite broken in two, which a tip aimed at a fragment's
-    side is not.
-    ``allowed(t, j)`` can restrict candidate pairs further. Records are
+    side is not. ``allowed(t, j)`` can restrict candidate pairs further. Records are
     ``(z, y, x, length_um, mean)`` with the bridge's midpoint in voxels, in the order of
     the new edges (appended to ``edges``). ``distance`` 0 disables bridging.
 
@@ -1461,9 +1460,9 @@ def trace_block(
     bridge_facing_distance, bridge_facing_min_mean : float
         The same for two tips that point at each other (a neurite broken in two), in place
         of the two above: longer and dimmer gaps close than between a tip and a fragment's
-        side. The defaults were
-        chosen on held-out stand-in maps (``benchmarks/facing_bridges.py``): the best mean
-        length F1 among settings that cost at most 0.005 of precision at any intensity.
+        side. The defaults were chosen on held-out stand-in maps
+        (``benchmarks/facing_bridges.py``): the best mean length F1 among settings that cost
+        at most 0.005 of precision at any intensity.
     bridge_dim : bool, optional
         Hysteresis after bridging (``None``: yes): dim fragments (``>= low``, never
         ``>= high``) are traced and kept when bridges join them, directly or in a chain, to
