@@ -464,6 +464,18 @@ def rendered_cases(names: list[str], intensities: tuple[float, ...], random_seed
                        standin=standin, weak_gold=weak_gold, weak_info=weak_info)  # fmt: skip
 
 
+def results_json(doc: str, name: str) -> Path | None:
+    """The ``--json`` output path of a script over the shared data (default ``results/NAME``),
+    or None with a one-line error when ``../shared/data`` is missing."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--json", type=Path, default=HERE / "results" / name)
+    args = parser.parse_args()
+    if not SHARED.exists():
+        print(f"error: {SHARED} is missing (the DIADEM stacks and morphologies)", file=sys.stderr)
+        return None
+    return args.json
+
+
 def subtract_background(image: np.ndarray, voxel_size: tuple[float, float, float]) -> np.ndarray:
     """float32 image minus its Gaussian-smoothed (sigma BACKGROUND_UM) version, clipped at 0.
 

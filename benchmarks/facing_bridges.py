@@ -22,7 +22,6 @@ Needs ``../shared/data``; about 10 minutes on 2 cores::
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import sys
@@ -84,11 +83,8 @@ def scores(case: accuracy.Case, setting: tuple[float, float]) -> dict[str, float
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", type=Path, default=Path(__file__).resolve().parent / "results" / "facing_bridges.json")
-    args = parser.parse_args()
-    if not accuracy.SHARED.exists():
-        print(f"error: {accuracy.SHARED} is missing (the DIADEM stacks and morphologies)", file=sys.stderr)
+    out = accuracy.results_json(__doc__, "facing_bridges.json")
+    if out is None:
         return 1
     started = time.perf_counter()
     per_case = []
@@ -107,11 +103,11 @@ def main() -> int:
                 ["facing", "series", "intensity", "cases", *SCORES]))  # fmt: skip
     print(f"\nchosen: {chosen[0]:g} um at a mean of {chosen[1]:g} (best mean F1 with precision within {SLACK} "
           f"of no facing-tip bridges at every series and intensity)")  # fmt: skip
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"chosen": chosen, "slack": SLACK, "means": means, "cases": per_case,
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"chosen": chosen, "slack": SLACK, "means": means, "cases": per_case,
                                      "seconds": time.perf_counter() - started, "code": accuracy.code_state()},
                                     indent=1) + "\n")  # fmt: skip
-    print(f"wrote {args.json} ({time.perf_counter() - started:.0f} s)")
+    print(f"wrote {out} ({time.perf_counter() - started:.0f} s)")
     return 0
 
 

@@ -23,7 +23,6 @@ Needs ``../shared/data`` (the DIADEM OP stacks and the morphologies); a few minu
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import math
@@ -114,11 +113,8 @@ def table(rows: list[dict], columns: list[str]) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", type=Path, default=Path(__file__).resolve().parent / "results" / "weak_ceiling.json")
-    args = parser.parse_args()
-    if not accuracy.SHARED.exists():
-        print(f"error: {accuracy.SHARED} is missing (the DIADEM stacks and morphologies)", file=sys.stderr)
+    out = accuracy.results_json(__doc__, "weak_ceiling.json")
+    if out is None:
         return 1
     low = TraceConfig().low
     started = time.perf_counter()
@@ -146,11 +142,11 @@ def main() -> int:
     print(table(by_intensity, ["series", "intensity", "cases", *share_keys, *score_keys]))
     print(f"\nAt intensity {TARGET_INTENSITY:g}, lowering low (the rest of the defaults kept):\n")
     print(table(by_low, ["series", "low", "cases", *score_keys]))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"by_intensity": by_intensity, "lower_low": by_low, "cases": per_case,
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"by_intensity": by_intensity, "lower_low": by_low, "cases": per_case,
                                      "lower_low_cases": lowered, "seconds": time.perf_counter() - started,
                                      "code": accuracy.code_state()}, indent=1) + "\n")  # fmt: skip
-    print(f"\nwrote {args.json} ({time.perf_counter() - started:.0f} s)")
+    print(f"\nwrote {out} ({time.perf_counter() - started:.0f} s)")
     return 0
 
 

@@ -128,3 +128,12 @@ def test_facing_bridges_choice_keeps_precision():
                 for series, p in (("OP", p_op), ("rendered", p_ren)) for i in (1.0, 0.25)]  # fmt: skip
         assert facing.choose(rows) == (12.0, 24.0)
         assert facing.choose(rows, slack=0.02) == (15.0, 20.0)
+
+
+def test_results_json_default_and_missing_data(acc, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["script"])
+    monkeypatch.setattr(acc, "SHARED", tmp_path)  # present
+    assert acc.results_json("Title.\n\nMore.", "x.json") == acc.HERE / "results" / "x.json"
+    monkeypatch.setattr(acc, "SHARED", tmp_path / "missing")
+    assert acc.results_json("Title.", "x.json") is None
+    assert "is missing" in capsys.readouterr().err
