@@ -27,7 +27,7 @@ bench: setup
 	$(BIN)/python benchmarks/predict_halo.py
 	$(BIN)/python benchmarks/synth_vs_op.py
 	$(BIN)/python benchmarks/weak_ceiling.py
-	$(BIN)/python benchmarks/facing_bridges.py
+	$(BIN)/python benchmarks/gap_limits.py
 
 # The weak-neurite accuracy benchmark: this project's tracers and the peers (about 30 min on 2 cores).
 accuracy: setup peers

@@ -238,6 +238,7 @@ class TraceConfig(_Strict):
     extend: bool | None = None  # tip extension along the dim ridge; None: on, off for raw input
     extend_min_mean: Annotated[float, Field(ge=0, le=255)] = 44.0  # least mean probability of a kept extension
     extend_length: NonNegative = 20.0  # longest tip extension (um); 0 disables
+    extend_link_min_mean: Annotated[float, Field(ge=0, le=255)] = 40.0  # the same for one that joins a fragment
     k_high: Positive = 8.0
     k_low: Positive = 4.0
     background_sigma: Positive = 3.0

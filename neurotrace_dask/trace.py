@@ -42,7 +42,8 @@ How it works
 6. **Tip extension** (:func:`extend_tips`, on for probability maps): from each tip a march
    follows the probability ridge beyond the foreground, below ``low``, and is kept when its
    mean probability reaches ``extend_min_mean`` over at least 5 um: a dim neurite's
-   continuation, too faint voxel by voxel, clear along its course.
+   continuation, too faint voxel by voxel, clear along its course. A march that reaches
+   another fragment joins it at a mean of ``extend_link_min_mean``.
 7. **Smoothing**: a 3-node moving average along paths (ends and branch points fixed).
 
 Examples
@@ -1110,6 +1111,21 @@ def _march(prob, kept, start, heading, voxel, sphere, step, cos_cone, n_ray, sto
     return path[:count].copy(), means[:count].copy(), _MARCH_DONE, back
 
 
+def _stop_index(means: Sequence[float], stop_mean: float) -> int:
+    """Samples a march keeps when it stops where its last ``EXTEND_WINDOW`` means average below ``stop_mean``."""
+    if len(means) < EXTEND_WINDOW:
+        return len(means)
+    recent = np.convolve(means, np.ones(EXTEND_WINDOW) / EXTEND_WINDOW, "valid")
+    below = np.flatnonzero(recent < stop_mean)
+    return int(below[0]) + EXTEND_WINDOW if below.size else len(means)
+
+
+def _accepted(means: Sequence[float], step: float, min_mean: float) -> bool:
+    """Whether a march of these ray means is long and bright enough to keep (see :func:`extend_tips`)."""
+    return len(means) * step >= EXTEND_MIN_LENGTH and len(means) > EXTEND_SKIP and \
+        float(np.mean(means[EXTEND_SKIP:])) >= min_mean
+
+
 def extend_tips(
     prob: np.ndarray,
     kept: np.ndarray,
@@ -1120,6 +1136,7 @@ def extend_tips(
     *,
     min_mean: float,
     max_length: float,
+    link_min_mean: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[tuple]]:
     """Follow the probability ridge beyond each tip, below the foreground threshold.
 
@@ -1134,7 +1151,10 @@ def extend_tips(
     own). Its trailing samples below the stop level are cut; it is kept when it is at
     least ``EXTEND_MIN_LENGTH`` um long and its ray means (bar the first ``EXTEND_SKIP``)
     average at least ``min_mean``. Noise rarely averages that high over several um; a real
-    neurite's end falls below it within its blur.
+    neurite's end falls below it within its blur. A march that meets another fragment needs
+    only ``link_min_mean`` (default ``min_mean``), and stops only below that less 8: reaching
+    a fragment along the tip's course is evidence of its own. If it meets one beyond where the
+    ``min_mean`` march would have stopped and does not link, that shorter march is what counts.
 
     Parameters
     ----------
@@ -1152,6 +1172,9 @@ def extend_tips(
         Nodes that are never extended (somata, ports).
     min_mean, max_length : float
         Least mean probability of a kept extension; longest march (um).
+    link_min_mean : float, optional
+        Least mean probability of an extension that joins another fragment (default
+        ``min_mean``; higher values count as ``min_mean``).
 
     Returns
     -------
@@ -1198,6 +1221,7 @@ def extend_tips(
     step = 2 * float(voxel.min())
     cos_cone = math.cos(math.radians(EXTEND_CONE))
     stop_mean = min_mean - EXTEND_STOP
+    link_min_mean = min(min_mean, min_mean if link_min_mean is None else link_min_mean)
     prob = np.ascontiguousarray(prob)
     kept = np.ascontiguousarray(kept, dtype=bool)
     new_pos: list[np.ndarray] = []
@@ -1218,35 +1242,39 @@ def extend_tips(
         if heading is None:
             continue
         samples, means, ended, back = _march(prob, kept, pos_um[tip].copy(), heading, voxel, _SPHERE, step, cos_cone,
-                                             EXTEND_RAY, stop_mean, EXTEND_EMPTY, EXTEND_LEAVE, EXTEND_WINDOW,
-                                             float(max_length))  # fmt: skip
+                                             EXTEND_RAY, link_min_mean - EXTEND_STOP, EXTEND_EMPTY, EXTEND_LEAVE,
+                                             EXTEND_WINDOW, float(max_length))  # fmt: skip
         if ended == _MARCH_LOST or not len(samples):
             continue
         own = set(tree.query_ball_point(pos_um[tip], 3 * step))
-        path, means, meet = list(samples), list(means), -1
+        path, means, meet, met_at = list(samples), list(means), -1, -1
+        # The march ran on at the link level; where it would have stopped at the usual one:
+        stop_at = _stop_index(means, stop_mean)
         if len(new_pos) + n != len(targets):
             targets = np.concatenate([pos_um, np.asarray(new_pos) * voxel])
             extended = cKDTree(targets)
         # The march ends where it first comes within reach of another fragment's node...
         for k, near in enumerate(extended.query_ball_point(samples, reach)):
             if any(j not in own for j in near):
-                meet = nearest_other(samples[k], reach, own)
-                path, means = path[:k + 1], means[:k + 1]
+                meet, met_at = nearest_other(samples[k], reach, own), k
                 break
         else:  # ... or where it came back into the foreground: the fragment there, if any
             if ended == _MARCH_BACK:
-                meet = nearest_other(back, EXTEND_LEAVE, own)
-                if meet < 0:
-                    continue
-        if meet >= 0 and find(int(comp[meet if meet < n else source[meet - n]])) == find(int(comp[tip])):
-            continue  # a loop back onto its own fragment
+                meet, met_at = nearest_other(back, EXTEND_LEAVE, own), len(samples) - 1
+        if met_at >= 0:
+            joins = meet >= 0 and find(int(comp[meet if meet < n else source[meet - n]])) != find(int(comp[tip]))
+            if joins and _accepted(means[:met_at + 1], step, link_min_mean):
+                path, means = path[:met_at + 1], means[:met_at + 1]
+            elif met_at < stop_at:
+                continue  # met its own fragment, or another too dimly, or no fragment where it came back
+            else:
+                meet = -1  # met it only beyond the usual stop: the march up to there stands alone
         if meet < 0:  # cut the trailing samples below the stop level
+            path, means = path[:stop_at], means[:stop_at]
             good = np.flatnonzero(np.asarray(means) >= stop_mean)
-            if not good.size:
+            if not good.size or not _accepted(means[:good[-1] + 1], step, min_mean):
                 continue
             path, means = path[:good[-1] + 1], means[:good[-1] + 1]
-        if len(path) * step < EXTEND_MIN_LENGTH or len(means) <= EXTEND_SKIP or np.mean(means[EXTEND_SKIP:]) < min_mean:
-            continue
         if meet >= 0:
             root[find(int(comp[tip]))] = find(int(comp[meet if meet < n else source[meet - n]]))
             line = np.concatenate([pos_um[[tip]], np.asarray(path), targets[[meet]]])
@@ -1414,6 +1442,7 @@ def trace_block(
     extend: bool | None = None,
     extend_min_mean: float = 44.0,
     extend_length: float = 20.0,
+    extend_link_min_mean: float = 40.0,
 ) -> Fragments:
     """Trace one block of a neurite probability map by voxel scooping.
 
@@ -1461,7 +1490,7 @@ def trace_block(
         The same for two tips that point at each other (a neurite broken in two), in place
         of the two above: longer and dimmer gaps close than between a tip and a fragment's
         side. The defaults were chosen on held-out stand-in maps
-        (``benchmarks/facing_bridges.py``): the best mean length F1 among settings that cost
+        (``benchmarks/gap_limits.py``): the best mean length F1 among settings that cost
         at most 0.005 of precision at any intensity.
     bridge_dim : bool, optional
         Hysteresis after bridging (``None``: yes): dim fragments (``>= low``, never
@@ -1476,6 +1505,11 @@ def trace_block(
         images, like ``bridge_dim``.
     extend_min_mean, extend_length : float
         Least mean probability (0-255) of a kept extension; longest march (um; 0 disables).
+    extend_link_min_mean : float
+        Least mean probability of an extension that joins another fragment (at most
+        ``extend_min_mean``): a march that reaches a fragment along its tip's course closes a
+        gap, as a bridge does. Chosen like the facing-tip limits, on held-out maps
+        (``benchmarks/gap_limits.py``).
 
     Returns
     -------
@@ -1510,7 +1544,7 @@ def trace_block(
                    bridge_angle=bridge_angle, bridge_min_mean=bridge_min_mean,
                    bridge_facing_distance=bridge_facing_distance, bridge_facing_min_mean=bridge_facing_min_mean,
                    bridge_dim=bridge_dim, extend=extend, extend_min_mean=extend_min_mean,
-                   extend_length=extend_length)  # fmt: skip
+                   extend_length=extend_length, extend_link_min_mean=extend_link_min_mean)  # fmt: skip
     bridge_dim = bridge_dim is not False
     bridge_reach = max(bridge_distance, bridge_facing_distance) if bridge_distance > 0 else 0.0
     extend_length = extend_length if extend is not False else 0.0
@@ -1646,7 +1680,8 @@ def trace_block(
         kept_labels = _lookup(fg_index, labels, node_vox)
         kept = _paint(fg.shape, fg_index[np.isin(labels, kept_labels[kept_labels > 0])])
         new_pos, new_edges, source, links = extend_tips(prob, kept, pos, voxel, edges, held, min_mean=extend_min_mean,
-                                                        max_length=extend_length)  # fmt: skip
+                                                        max_length=extend_length,
+                                                        link_min_mean=extend_link_min_mean)  # fmt: skip
         records += links  # linking extensions are closed gaps, listed for review like bridges
         pos, edges = np.concatenate([pos, new_pos]), np.concatenate([edges, new_edges])
         radius, is_active = np.concatenate([radius, radius[source]]), np.concatenate([is_active, is_active[source]])
@@ -1867,7 +1902,7 @@ def trace_options(config: TraceConfig) -> dict[str, Any]:
     """
     names = ("high", "low", "soma_radius", "scoop", "spur_factor", "min_length", "smooth", "bridge_distance",
              "bridge_angle", "bridge_min_mean", "bridge_facing_distance", "bridge_facing_min_mean", "bridge_dim",
-             "extend", "extend_min_mean", "extend_length")  # fmt: skip
+             "extend", "extend_min_mean", "extend_length", "extend_link_min_mean")  # fmt: skip
     return {name: getattr(config, name) for name in names}
 
 

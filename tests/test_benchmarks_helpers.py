@@ -118,16 +118,19 @@ def test_weak_ceiling_share_of_cable_above_each_threshold():
         assert shares == pytest.approx([0.525, 1.0, 0.0], abs=0.02)
 
 
-def test_facing_bridges_choice_keeps_precision():
-    with benchmark_module("facing_bridges") as facing:
-        assert doctest.testmod(facing).failed == 0
+def test_gap_limits_choice_keeps_precision():
+    with benchmark_module("gap_limits") as gaps:
+        assert doctest.testmod(gaps).failed == 0
         # The looser setting finds more (higher F1) but loses precision in one cell: the next best wins.
         rows = [{"setting": s, "series": series, "intensity": i, "f1": f, "precision": p}
                 for s, f, p_op, p_ren in [((6.0, 32.0), 0.80, 0.97, 0.99), ((12.0, 24.0), 0.82, 0.968, 0.99),
                                           ((15.0, 20.0), 0.85, 0.97, 0.98)]
                 for series, p in (("OP", p_op), ("rendered", p_ren)) for i in (1.0, 0.25)]  # fmt: skip
-        assert facing.choose(rows) == (12.0, 24.0)
-        assert facing.choose(rows, slack=0.02) == (15.0, 20.0)
+        assert gaps.choose(rows, baseline=(6.0, 32.0)) == (12.0, 24.0)
+        assert gaps.choose(rows, baseline=(6.0, 32.0), slack=0.02) == (15.0, 20.0)
+        from neurotrace_dask.config import TraceConfig
+
+        assert gaps.SWEEPS["link"][1][0] == (TraceConfig().extend_min_mean,)  # baseline: links as any extension
 
 
 def test_results_json_default_and_missing_data(acc, tmp_path, monkeypatch, capsys):

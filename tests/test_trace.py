@@ -154,6 +154,27 @@ def test_tip_extension_links_fragments_and_lists_the_link_for_review():
     assert 35 <= frags.bridges["x"][0] <= 56 and frags.bridges["mean_probability"][0] >= 44
 
 
+def test_tip_extension_links_across_a_dimmer_gap_than_it_would_keep_alone():
+    # The same two tubes across a gap at 28: a march stops there at the usual level (44 less
+    # 8), but one that goes on and reaches the other fragment joins it (extend_link_min_mean).
+    # The same dim stretch leading nowhere is not kept.
+    def tubes(far: bool) -> np.ndarray:
+        vol = tube((16, 32, 100), (8, 16, 5), (8, 16, 35), 1.5, value=200)
+        tube(vol.shape, (8, 16, 36), (8, 16, 53), 1.5, value=28, out=vol)
+        if far:
+            tube(vol.shape, (8, 16, 54), (8, 16, 95), 1.5, value=200, out=vol)
+        return vol
+
+    linked = trace_block(tubes(far=True))
+    assert linked.to_swc().n_trees == 1 and linked.bridges.size == 1
+    assert 15 <= linked.bridges["length_um"][0] <= 22
+    apart = trace_block(tubes(far=True), extend_link_min_mean=44)
+    assert apart.to_swc().n_trees == 2 and apart.bridges.size == 0
+    x = apart.positions[:, 2]
+    assert not ((x > 37) & (x < 52)).any()  # nothing in the gap
+    assert trace_block(tubes(far=False)).positions[:, 2].max() <= 36
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_tip_extension_does_not_wander_into_noise(seed):
     # A bright tube ending in smoothed noise (16 per noise unit): no march is kept beyond its blur.
