@@ -28,6 +28,7 @@ bench: setup
 	$(BIN)/python benchmarks/synth_vs_op.py
 	$(BIN)/python benchmarks/weak_ceiling.py
 	$(BIN)/python benchmarks/gap_limits.py
+	$(BIN)/python benchmarks/noise_draws.py
 
 # The weak-neurite accuracy benchmark: this project's tracers and the peers (about 30 min on 2 cores).
 accuracy: setup peers

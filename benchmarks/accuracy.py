@@ -445,8 +445,10 @@ def op_cases(numbers: list[int], intensities: tuple[float, ...], standin_seed: i
                        weak_gold=weak_gold, weak_info=weak_info)  # fmt: skip
 
 
-def rendered_cases(names: list[str], intensities: tuple[float, ...], random_seed: int = 5) -> Iterator[Case]:
-    """Cells rendered from shared morphologies, or ``"random"``: a random neuron of ``random_seed``."""
+def rendered_cases(names: list[str], intensities: tuple[float, ...], random_seed: int = 5,
+                   standin_seed: int = 0) -> Iterator[Case]:  # fmt: skip
+    """Cells rendered from shared morphologies, or ``"random"``: a random neuron of ``random_seed``;
+    ``standin_seed`` offsets the stand-in map's noise seed (other draws of the same cells)."""
     for i, name in enumerate(names):
         if name == "random":
             cell = random_morphology(random_seed)
@@ -457,7 +459,7 @@ def rendered_cases(names: list[str], intensities: tuple[float, ...], random_seed
             scene = scene_from_swc(cell, params)
             image, _ = render(scene)
             signal, total = rendered_signal(scene)
-            standin = standin_probability(signal, total, params, [100 + i, j])
+            standin = standin_probability(signal, total, params, [100 + i + standin_seed, j])
             weak_gold, weak_info = weak_subforest(scene.gold, signal, RENDER_VOXEL)
             tuning = i == 0 and intensity in TUNING_INTENSITIES
             yield Case(Path(name).stem, "rendered", intensity, image, scene.gold, RENDER_VOXEL, tuning=tuning,

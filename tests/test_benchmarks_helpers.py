@@ -133,6 +133,22 @@ def test_gap_limits_choice_keeps_precision():
         assert gaps.SWEEPS["link"][1][0] == (TraceConfig().extend_min_mean,)  # baseline: links as any extension
 
 
+def test_noise_draws_spread_and_target():
+    with benchmark_module("noise_draws") as draws:
+        assert doctest.testmod(draws).failed == 0
+        assert draws.DRAWS[0] == 0  # the draw accuracy.py scores is one of them
+        rows = [{"draw": d, "series": s, "intensity": i, "f1": 0.95, "precision": p, "weak_recall": w}
+                for d, w in ((0, 0.79), (1, 0.80), (2, 0.84)) for s, p in (("OP", 0.99), ("rendered", 0.90))
+                for i in (1.0, 0.25)]  # fmt: skip
+        over = {(r["series"], r["intensity"]): r for r in draws.spread(rows)}
+        assert over["OP", 0.25]["weak_recall"] == pytest.approx(0.81) and over["OP", 0.25]["draws"] == 3
+        assert over["OP", 0.25]["weak_recall_sd"] == pytest.approx(np.std([0.79, 0.80, 0.84], ddof=1))
+        assert over["OP", 0.25]["target_met"] is True
+        assert over["rendered", 0.25]["target_met"] is False  # precision 0.90
+        assert over["OP", 1.0]["target_met"] is None  # not the target's intensity
+        assert draws.target_met(rows[0]) is None and draws.target_met(rows[1]) is False  # OP 0.25: 0.79
+
+
 def test_results_json_default_and_missing_data(acc, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("sys.argv", ["script"])
     monkeypatch.setattr(acc, "SHARED", tmp_path)  # present
