@@ -79,12 +79,14 @@ def choose(rows: list[dict], baseline: tuple, slack: float = SLACK) -> tuple:
 
 
 def held_out_cases() -> itertools.chain:
+    """The held-out cases, built one at a time (OP stacks with other noise, then the other cells)."""
     return itertools.chain(
         accuracy.op_cases([1, 2, 3, 4, 5], accuracy.INTENSITIES, standin_seed=OP_SEED_OFFSET),
         accuracy.rendered_cases(list(HELD_OUT_CELLS), accuracy.INTENSITIES, random_seed=HELD_OUT_RANDOM_SEED))
 
 
 def scores(case: accuracy.Case, **options: float) -> dict[str, float]:
+    """Length F1, precision and weak-branch recall of ``trace_block`` on the case's stand-in map."""
     test = trace_block(case.standin, voxel_size=case.voxel_size, **options).to_swc()
     length = evaluate(case.gold, test, voxel_size_zyx=case.voxel_size, tau=case.tau).to_dict()["length"]
     return {"f1": length["f1"], "precision": length["precision"],
