@@ -14,7 +14,7 @@ from neurotrace_dask.config import SynthConfig
 from neurotrace_dask.evaluate import evaluate
 from neurotrace_dask.io.swc import read_swc
 from neurotrace_dask.synth import random_morphology, render, render_to_zarr, scene_from_swc
-from neurotrace_dask.trace import raw_to_probability, trace_block
+from neurotrace_dask.trace import extend_tips, raw_to_probability, trace_block
 
 NEUROTRACE = str(Path(sys.executable).with_name("neurotrace"))
 
@@ -173,6 +173,32 @@ def test_tip_extension_links_across_a_dimmer_gap_than_it_would_keep_alone():
     x = apart.positions[:, 2]
     assert not ((x > 37) & (x < 52)).any()  # nothing in the gap
     assert trace_block(tubes(far=False)).positions[:, 2].max() <= 36
+
+
+def test_failed_link_keeps_the_extension_a_lone_march_would_have():
+    # A tip goes on at 60 for 14 voxels, then at 30 for 160 voxels to another fragment. At a
+    # link level of 36 the march runs on (its stop, 28, is below 30) and reaches the fragment,
+    # but too dimly on average to link: what stays is the extension the usual march (stop 36)
+    # keeps, the same as with no fragment at the far end. At 34 it links.
+    def extend(far: bool, link: float) -> tuple[float, int]:
+        n = 10 + 14 + 160 + 20
+        prob = np.zeros((5, 5, n), np.uint8)
+        prob[1:4, 1:4, :10], prob[1:4, 1:4, 10:24], prob[1:4, 1:4, 24:184] = 200, 60, 30
+        pos = [[2.0, 2, 1], [2, 2, 5], [2, 2, 9]]
+        edges = [[0, 1], [1, 2]]
+        if far:
+            prob[1:4, 1:4, 184:] = 200
+            pos, edges = pos + [[2, 2, 185], [2, 2, 192], [2, 2, 199]], edges + [[3, 4], [4, 5]]
+        fixed = np.isin(np.arange(len(pos)), [0, 5])
+        new, _, _, links = extend_tips(prob, prob >= 64, np.array(pos), np.ones(3), np.array(edges), fixed,
+                                       min_mean=44, max_length=n, link_min_mean=link)  # fmt: skip
+        return float(new[:, 2].max()), len(links)
+
+    alone = extend(far=False, link=36)
+    assert 18 <= alone[0] <= 24 and alone[1] == 0
+    assert extend(far=True, link=36) == alone
+    reach, links = extend(far=True, link=34)
+    assert links == 1 and reach > 180
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
