@@ -142,6 +142,7 @@ class Case:
     voxel_size: tuple[float, float, float]
     tuning: bool = False
     standin: np.ndarray | None = None  # uint8 stand-in probability map (standin_probability)
+    expected: np.ndarray | None = None  # the same map without its noise (standin_probability, seed None)
     weak_gold: SWC | None = None  # the weak branches as a forest (weak_subforest)
     weak_info: dict = field(default_factory=dict)
     raw_input: Path | None = None  # set by prepare()
@@ -340,7 +341,8 @@ def weak_recall(weak_gold: SWC | None, test: SWC, voxel_size: tuple[float, float
 # --------------------------------------------------------------------------- stand-in probability
 
 
-def standin_probability(signal: np.ndarray, total: np.ndarray, params: SynthConfig, seed: list[int]) -> np.ndarray:
+def standin_probability(signal: np.ndarray, total: np.ndarray, params: SynthConfig,
+                        seed: list[int] | None) -> np.ndarray:  # fmt: skip
     """A STAND-IN for a CNN probability map, made from the known neurite signal (not a CNN).
 
     The ideal version of what ``trace.raw_to_probability`` computes from a raw image: the
@@ -366,6 +368,9 @@ def standin_probability(signal: np.ndarray, total: np.ndarray, params: SynthConf
     - ``low``, ``high``, ``k_low``, ``k_high``: ``TraceConfig`` defaults (64, 128, 4, 8):
       4 noise units reach the tracer's low threshold, 8 its high one.
 
+    ``seed`` None leaves the noise out (``e = 0``): the *expected* map, what the stand-in holds
+    on average, against which a noisy draw's dim stretches can be judged.
+
     The map knows which fibres are gold (no false fibres: precision is near its ceiling)
     but sees them only through the image's own noise: dim branches fade and break as the
     intensity falls. An upper-bound-ish sanity check of the tracer on a probability map, not
@@ -377,14 +382,19 @@ def standin_probability(signal: np.ndarray, total: np.ndarray, params: SynthConf
     >>> p = standin_probability(s, s + 3.0, SynthConfig(), [0])
     >>> int(p[4, 8, 8]) > 128, int(np.median(p)) < 64
     (True, True)
+    >>> mean = standin_probability(s, s + 3.0, SynthConfig(), None)  # no noise: nothing off the line
+    >>> int(mean[4, 8, 8]), int(mean[0].max()), int(p[0].max()) > 0
+    (255, 0, True)
     """
     from neurotrace_dask.config import TraceConfig
 
     cfg = TraceConfig()
-    rng = np.random.default_rng([*seed, 23])
     read2 = np.float32(params.read_noise**2)
     total = np.maximum(total, signal)
-    noisy = signal + np.sqrt(total + read2) * rng.standard_normal(signal.shape, np.float32)
+    noisy = signal
+    if seed is not None:
+        rng = np.random.default_rng([*seed, 23])
+        noisy = signal + np.sqrt(total + read2) * rng.standard_normal(signal.shape, np.float32)
     smooth = ndimage.gaussian_filter(noisy, STANDIN_SMOOTH)
     z = smooth / (_gaussian_norm(STANDIN_SMOOTH) * np.sqrt(total - signal + read2))
     slope = (cfg.high - cfg.low) / (cfg.k_high - cfg.k_low)
@@ -438,11 +448,12 @@ def op_cases(numbers: list[int], intensities: tuple[float, ...], standin_seed: i
             params = SynthConfig(seed=n)
             image = dim_real_image(real, intensity, params)
             photons = real.astype(np.float32) * np.float32(params.full_scale_photons / np.iinfo(real.dtype).max * intensity)
-            standin = standin_probability(photons * mask, photons + params.background_photons, params,
-                                          [n + standin_seed, j])  # fmt: skip
+            signal, total = photons * mask, photons + params.background_photons
+            standin = standin_probability(signal, total, params, [n + standin_seed, j])
+            expected = standin_probability(signal, total, params, None)
             tuning = n == 1 and intensity in TUNING_INTENSITIES
             yield Case(f"OP_{n}", "OP", intensity, image, gold, OP_VOXEL, tuning=tuning, standin=standin,
-                       weak_gold=weak_gold, weak_info=weak_info)  # fmt: skip
+                       expected=expected, weak_gold=weak_gold, weak_info=weak_info)  # fmt: skip
 
 
 def rendered_cases(names: list[str], intensities: tuple[float, ...], random_seed: int = 5,
@@ -460,10 +471,11 @@ def rendered_cases(names: list[str], intensities: tuple[float, ...], random_seed
             image, _ = render(scene)
             signal, total = rendered_signal(scene)
             standin = standin_probability(signal, total, params, [100 + i + standin_seed, j])
+            expected = standin_probability(signal, total, params, None)
             weak_gold, weak_info = weak_subforest(scene.gold, signal, RENDER_VOXEL)
             tuning = i == 0 and intensity in TUNING_INTENSITIES
             yield Case(Path(name).stem, "rendered", intensity, image, scene.gold, RENDER_VOXEL, tuning=tuning,
-                       standin=standin, weak_gold=weak_gold, weak_info=weak_info)  # fmt: skip
+                       standin=standin, expected=expected, weak_gold=weak_gold, weak_info=weak_info)  # fmt: skip
 
 
 def results_json(doc: str, name: str) -> Path | None:
@@ -635,7 +647,7 @@ def prepare(case: Case, folder: Path) -> None:
     smooth = ndimage.gaussian_filter(prepared, 1.0)
     median = float(np.median(smooth))
     case.median_mad = (median, float(np.median(np.abs(smooth - median))))
-    case.image = case.standin = None  # type: ignore[assignment]
+    case.image = case.standin = case.expected = None  # type: ignore[assignment]
 
 
 def run_one(method: str, function: Callable, case: Case, k: float, folder: Path) -> Run:

@@ -118,6 +118,21 @@ def test_weak_ceiling_share_of_cable_above_each_threshold():
         assert shares == pytest.approx([0.525, 1.0, 0.0], abs=0.02)
 
 
+def test_weak_ceiling_missed_signal_splits_the_missed_cable_by_expected_signal():
+    with benchmark_module("weak_ceiling") as ceiling:
+        voxel = np.array([1.0, 0.5, 0.5])
+        line = SWC.from_arrays([[4, 4, 2], [4, 4, 22]], [-1, 0])  # 10 um of weak cable
+        expected = np.zeros((9, 9, 30), np.uint8)
+        expected[4, 4, :12] = 80  # its first half holds signal, the second little
+        expected[4, 4, 12:] = 40
+        traced = SWC.from_arrays([[4, 4, 2], [4, 4, 7]], [-1, 0])  # the trace covers x 2-7 (+ tau)
+        missed = ceiling.missed_signal(line, traced, expected, voxel, tau=1.0, thresholds=(64.0, 32.0))
+        # Missed: x beyond 9 (7 + 1 um / 0.5 um); the 80 reaches x 12 in the 3x3x3 maximum.
+        assert missed[1] == pytest.approx(13 / 20, abs=0.03)
+        assert missed[0] == pytest.approx(3 / 20, abs=0.03)
+        assert ceiling.missed_signal(line, line, expected, voxel, tau=1.0) == [0.0, 0.0, 0.0]
+
+
 def test_gap_limits_choice_keeps_precision():
     with benchmark_module("gap_limits") as gaps:
         assert doctest.testmod(gaps).failed == 0
