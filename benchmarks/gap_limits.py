@@ -1,15 +1,12 @@
-"""How long and how dim a gap the tracer closes, and how short a piece it keeps: the defaults,
-chosen on held-out maps.
+"""How long and how dim a gap the tracer closes: the defaults, chosen on held-out maps.
 
 Two rules of ``trace_block`` close gaps under limits looser than those of an ordinary bridge
-(a tip aimed at a fragment's side: 6 um, mean 32), and one decides what is kept:
+(a tip aimed at a fragment's side: 6 um, mean 32):
 
 - ``facing``: two tips that point at each other link across ``bridge_facing_distance`` um at
   a mean of ``bridge_facing_min_mean``;
 - ``link``: a tip extension that reaches another fragment joins it at a mean of
-  ``extend_link_min_mean`` (an extension that joins nothing needs ``extend_min_mean``, 44);
-- ``min_length``: a fragment that no bridge joined to others is dropped, before tip
-  extension, when it holds less cable (um) than this (a bead of a varicose neurite is short).
+  ``extend_link_min_mean`` (an extension that joins nothing needs ``extend_min_mean``, 44).
 
 This script chose those defaults without looking at the accuracy benchmark's cases: it traces
 STAND-IN probability maps (as ``benchmarks/accuracy.py`` makes them) of *held-out* cases,
@@ -22,9 +19,9 @@ at the benchmark's four intensities with each candidate setting of one sweep, an
 setting with the highest mean length F1 over both series and all intensities among those
 whose mean precision stays within ``SLACK`` of the sweep's baseline (the rule off) at every
 series and intensity (:func:`choose`). The sweeps run in order: ``facing`` with linking
-extensions off, then ``link`` at the facing setting just chosen, then ``min_length`` at both.
+extensions off, then ``link`` at the facing setting just chosen.
 
-Needs ``../shared/data``; about 25 minutes on 2 cores::
+Needs ``../shared/data``; about 15 minutes on 2 cores::
 
     .venv/bin/python benchmarks/gap_limits.py     # tables + benchmarks/results/gap_limits.json
 """
@@ -57,7 +54,6 @@ SWEEPS = {
                [(6.0, 32.0), (9.0, 24.0), (12.0, 28.0), (12.0, 24.0), (12.0, 20.0), (12.0, 16.0), (15.0, 24.0),
                 (15.0, 20.0), (18.0, 20.0)]),
     "link": (("extend_link_min_mean",), [(44.0,), (40.0,), (36.0,), (32.0,), (28.0,), (24.0,)]),
-    "min_length": (("min_length",), [(3.0,), (2.0,), (1.5,), (1.0,), (0.5,)]),
 }  # fmt: skip
 SLACK = 0.005
 SCORES = ("f1", "precision", "weak_recall")

@@ -227,7 +227,7 @@ class TraceConfig(_Strict):
     soma_radius: Positive = 2.5  # distance-transform depth of a soma
     scoop: Positive = 0.5  # scooping distance in local diameters
     spur_factor: NonNegative = 1.0  # prune terminal branches shorter than this many local diameters
-    min_length: NonNegative = 0.5  # drop fragments with less cable and no soma
+    min_length: NonNegative = 3.0  # drop fragments with less cable and no soma
     smooth: bool = True  # 3-node moving average along paths
     bridge_distance: NonNegative = 6.0  # largest gap bridged; 0 disables bridging
     bridge_angle: Annotated[float, Field(ge=0, le=180)] = 60.0  # largest turn, degrees

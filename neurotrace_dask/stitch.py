@@ -157,7 +157,7 @@ def join_fragments(
     sample: Callable[[np.ndarray, np.ndarray], float] | None = None,
     low: float = 64,
     spur_factor: float = 1.0,
-    min_length: float = 0.5,
+    min_length: float = 3.0,
     bridge_distance: float = 6.0,
     bridge_angle: float = 60.0,
     bridge_min_mean: float = 32.0,

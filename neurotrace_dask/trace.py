@@ -1431,7 +1431,7 @@ def trace_block(
     soma_radius: float = 2.5,
     scoop: float = 0.5,
     spur_factor: float = 1.0,
-    min_length: float = 0.5,
+    min_length: float = 3.0,
     smooth: bool = True,
     bridge_distance: float = 6.0,
     bridge_angle: float = 60.0,
@@ -1477,10 +1477,7 @@ def trace_block(
     spur_factor : float
         Terminal branches shorter than this many local diameters are pruned (0: keep).
     min_length : float
-        Fragments with less cable (um), no soma and no port are dropped (bridges
-        included; before tip extension). The default keeps the short bright beads of a
-        varicose neurite, which bridges and extensions then join: chosen on held-out maps
-        (``benchmarks/gap_limits.py``) like the gap limits, it gave up no precision there.
+        Fragments with less cable (um), no soma and no port are dropped.
     smooth : bool
         3-node moving average of node positions along paths.
     bridge_distance : float
