@@ -27,7 +27,7 @@ and what a share reaching a threshold is worth, from the same map without its no
   expected map reaches 64 (signal the tracer could have followed) and 32 (the rest lies below
   2 noise units on average), each as a share of all the weak cable.
 
-Needs ``../shared/data`` (the DIADEM OP stacks and the morphologies); a few minutes on 2 cores::
+Needs ``../shared/data`` (the DIADEM OP stacks and the morphologies); about 10 minutes on 2 cores::
 
     .venv/bin/python benchmarks/weak_ceiling.py     # table + benchmarks/results/weak_ceiling.json
 """
