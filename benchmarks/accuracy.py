@@ -39,7 +39,13 @@ Fair thresholds
 Scores
     ``neurotrace_dask.evaluate`` at tolerance tau = 3.94 xy voxels (the DIADEM OP xy
     threshold): length F1, recall, precision, the DIADEM score; wall seconds and peak RSS
-    of the tracer process.
+    of the tracer process. These pool every tree of the output; a user who picks the traced
+    cell keeps one, so the same scores are also given for *the neuron at the gold root*: the
+    output tree holding the node nearest (in um) to the gold's root (:func:`neuron_at_root`),
+    with its tips over the gold's (:func:`count_tips`, median across cases) and the number of
+    trees in the whole output. Its targets (``ROOT_TARGETS``): on OP, length F1 >= 0.90 at every
+    intensity and a tips ratio <= 1.5; on rendered cells, length F1 >= 0.90 / 0.80 / 0.60 at
+    intensity 1 / 0.25 / 0.125 with precision >= 0.9.
 Weak branches
     A gold *branch* is an unbranched section of the gold tree: from a root or branch point to
     the next branch point or tip (soma-to-soma edges excluded; see :func:`gold_branches`).
@@ -171,6 +177,13 @@ class Run:
     scores: dict = field(default_factory=dict)
     tuning: bool = False
     weak_recall: float = math.nan
+    # The neuron a user gets: the output tree nearest the gold's root (neuron_at_root). Defaults
+    # (empty / NaN) are what a report written before these fields existed loads as.
+    root_scores: dict = field(default_factory=dict)
+    root_weak_recall: float = math.nan
+    tips: float = math.nan  # tips of that tree (an int when known)
+    gold_tips: float = math.nan
+    trees: float = math.nan  # trees in the whole output
 
 
 # --------------------------------------------------------------------------- weak branches
@@ -336,6 +349,105 @@ def weak_recall(weak_gold: SWC | None, test: SWC, voxel_size: tuple[float, float
     if weak_gold is None or weak_gold.n_nodes == 0:
         return math.nan
     return length_scores(weak_gold, test, voxel_size_zyx=voxel_size, tau=tau).recall
+
+
+# --------------------------------------------------------------------------- the neuron at the gold root
+
+
+def _tree_ids(swc: SWC) -> np.ndarray:
+    """The tree (0, 1, ... in the order of the roots in ``swc.preorder``) of every row.
+
+    ``SWC.preorder`` holds the trees one after another, each starting at its root, so a
+    cumulative count of the roots along it labels every node in one vectorised pass.
+    """
+    pre = swc.preorder
+    tree = np.empty(swc.n_nodes, np.int64)
+    tree[pre] = np.cumsum(swc.parent_index[pre] < 0) - 1
+    return tree
+
+
+def gold_root(gold: SWC, voxel_size: tuple[float, float, float]) -> int:
+    """Row of the gold's root: its first root, or with several trees the root of the longest (by cable, um).
+
+    Examples
+    --------
+    >>> forest = SWC.from_arrays([[0, 0, 0], [0, 0, 1], [0, 9, 0], [0, 9, 5]], [-1, 0, -1, 2])
+    >>> gold_root(forest, (1.0, 1.0, 1.0)), gold_root(SWC.from_arrays([[0, 0, 0]], [-1]), (1.0, 1.0, 1.0))
+    (2, 0)
+    """
+    roots = gold.roots
+    if roots.size <= 1:
+        return int(roots[0])
+    tree = _tree_ids(gold)
+    child = np.flatnonzero(gold.parent_index >= 0)
+    edge = np.linalg.norm((gold.zyx[child] - gold.zyx[gold.parent_index[child]]) * np.asarray(voxel_size), axis=1)
+    cable = np.bincount(tree[child], weights=edge, minlength=roots.size)
+    # argmax keeps the first of equal trees; tree ids follow the preorder, so map back to the root row.
+    first = np.flatnonzero(tree[gold.preorder] == int(np.argmax(cable)))[0]
+    return int(gold.preorder[first])
+
+
+def neuron_at_root(test: SWC, gold: SWC, voxel_size: tuple[float, float, float]) -> SWC | None:
+    """The tree of ``test`` that a user who picks the traced cell keeps: the one nearest the gold's root.
+
+    The tree holding the test node nearest (in um) to the gold's root node (see
+    :func:`gold_root`), whichever node of the tree that is, returned as an SWC of its own:
+    rows in depth-first order (every parent before its children), ids ``1..n``, positions,
+    radii and types kept. Vectorised over the nodes (outputs can hold 1e5 of them).
+
+    Parameters
+    ----------
+    test : SWC
+        A reconstruction, one or many trees, in voxel coordinates.
+    gold : SWC
+        The gold standard in the same voxel coordinates.
+    voxel_size : (z, y, x) floats
+        Micrometres per voxel: distances are measured in um, so anisotropy counts.
+
+    Returns
+    -------
+    SWC or None
+        None when ``test`` (or ``gold``) has no node.
+
+    Examples
+    --------
+    >>> gold = SWC.from_arrays([[0, 0, 0], [0, 0, 9]], [-1, 0])
+    >>> test = SWC.from_arrays([[0, 5, 5], [0, 5, 9], [0, 1, 1], [0, 1, 6], [0, 4, 1]], [-1, 0, -1, 2, 2])
+    >>> tree = neuron_at_root(test, gold, (1.0, 1.0, 1.0))
+    >>> tree.n_nodes, tree.zyx[:, 1:].tolist(), tree.parent_index.tolist()
+    (3, [[1.0, 1.0], [1.0, 6.0], [4.0, 1.0]], [-1, 0, 0])
+    """
+    if test.n_nodes == 0 or gold.n_nodes == 0:
+        return None
+    scale = np.asarray(voxel_size, np.float64)
+    offset = (test.zyx - gold.zyx[gold_root(gold, voxel_size)]) * scale
+    nearest = int(np.argmin(np.einsum("ij,ij->i", offset, offset)))
+    tree = _tree_ids(test)
+    # Preorder keeps the tree contiguous and puts parents first: renumbered along it, every parent
+    # row is below its children's (SWC itself accepts any acyclic order; SWC tools expect this one).
+    rows = test.preorder[tree[test.preorder] == tree[nearest]]
+    new = np.full(test.n_nodes, -1, np.int64)
+    new[rows] = np.arange(rows.size)
+    parent = test.parent_index[rows]
+    parent = np.where(parent >= 0, new[np.maximum(parent, 0)], -1)
+    return SWC.from_arrays(test.zyx[rows], parent, radius=test.radius[rows], types=test.types[rows])
+
+
+def count_tips(swc: SWC | None) -> int:
+    """Number of tips: nodes without children (a lone node is one tip; a root with one child is none).
+
+    Examples
+    --------
+    >>> y = SWC.from_arrays([[0, 0, 0], [0, 0, 1], [0, 1, 2], [0, -1, 2]], [-1, 0, 1, 1])
+    >>> count_tips(y), count_tips(SWC.from_arrays([[0, 0, 0]], [-1])), count_tips(None)
+    (2, 1, 0)
+    >>> count_tips(SWC.from_arrays([[0, 0, 0], [0, 0, 1], [5, 5, 5]], [-1, 0, -1]))  # two trees
+    2
+    """
+    if swc is None or swc.n_nodes == 0:
+        return 0
+    parent = swc.parent_index
+    return int(np.count_nonzero(np.bincount(parent[parent >= 0], minlength=swc.n_nodes) == 0))
 
 
 # --------------------------------------------------------------------------- stand-in probability
@@ -669,39 +781,88 @@ def run_one(method: str, function: Callable, case: Case, k: float, folder: Path)
         result = evaluate(case.gold, test, voxel_size_zyx=case.voxel_size, tau=case.tau).to_dict()
         run.scores = result
         run.weak_recall = weak_recall(case.weak_gold, test, case.voxel_size, case.tau)
+        root = neuron_at_root(test, case.gold, case.voxel_size)
+        if root is not None:
+            run.root_scores = evaluate(case.gold, root, voxel_size_zyx=case.voxel_size, tau=case.tau).to_dict()
+            run.root_weak_recall = weak_recall(case.weak_gold, root, case.voxel_size, case.tau)
+        run.tips, run.trees = count_tips(root), test.n_trees
     elif case.weak_gold is not None:
-        run.weak_recall = 0.0
+        run.weak_recall = run.root_weak_recall = 0.0
+    run.gold_tips = count_tips(case.gold)
     return run
 
 
+def _scores(scores: dict, failed: bool) -> tuple[float, float, float, float]:
+    """Length F1, recall, precision and DIADEM of an ``evaluate(...).to_dict()``; 0 for a failed run,
+    NaN where there are none (a report written before they were measured)."""
+    if not scores:
+        return (0.0,) * 4 if failed else (math.nan,) * 4
+    length = scores["length"]
+    return length["f1"], length["recall"], length["precision"], scores["diadem"]["score"]
+
+
 def headline(run: Run) -> dict[str, float]:
-    """The scores the tables show: length F1/recall/precision, DIADEM, weak-branch recall (0 for a failed run)."""
-    if not run.scores:
-        return {"f1": 0.0, "recall": 0.0, "precision": 0.0, "diadem": 0.0, "weak_recall": run.weak_recall}
-    length = run.scores["length"]
-    return {"f1": length["f1"], "recall": length["recall"], "precision": length["precision"],
-            "diadem": run.scores["diadem"]["score"], "weak_recall": run.weak_recall}  # fmt: skip
+    """The scores the tables show (0 for a failed run): length F1/recall/precision, DIADEM and weak-branch
+    recall of the whole output, the same of the neuron at the gold root (``root_*``) and its tips over
+    the gold's (``tips_ratio``, NaN for a failed run: there is no neuron to count).
+
+    Examples
+    --------
+    >>> run = Run("m", "c", "OP", 1.0, math.nan, math.nan, "failed: exit 1", weak_recall=0.0)
+    >>> h = headline(run); h["f1"], h["root_f1"], h["tips_ratio"]
+    (0.0, 0.0, nan)
+    """
+    f1, recall, precision, diadem = _scores(run.scores, failed=True)
+    root_f1, root_recall, root_precision, root_diadem = _scores(run.root_scores, failed=run.status != "ok")
+    known = math.isfinite(run.tips) and math.isfinite(run.gold_tips) and run.gold_tips > 0
+    return {"f1": f1, "recall": recall, "precision": precision, "diadem": diadem, "weak_recall": run.weak_recall,
+            "root_f1": root_f1, "root_recall": root_recall, "root_precision": root_precision,
+            "root_diadem": root_diadem, "root_weak_recall": run.root_weak_recall,
+            "tips_ratio": run.tips / run.gold_tips if known else math.nan}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- report
 
 SUMMARIES = (("f1", "Mean length F1"), ("weak_recall", "Mean weak-branch recall (dimmest third of the gold branches)"),
              ("precision", "Mean length precision"), ("diadem", "Mean DIADEM score"))  # fmt: skip
+# The neuron a user gets (neuron_at_root); the tips ratio by its median: one shattered case
+# (hundreds of tips) would otherwise swamp the mean.
+ROOT_SUMMARIES = (("root_f1", "Neuron at the gold root: mean length F1", "mean"),
+                  ("root_precision", "Neuron at the gold root: mean length precision", "mean"),
+                  ("root_diadem", "Neuron at the gold root: mean DIADEM score", "mean"),
+                  ("tips_ratio", "Tips of the neuron at the root / gold tips (median)", "median"))  # fmt: skip
+# The issue's targets for that neuron, per (series, intensity): a minimum root length F1, and on OP a
+# maximum median tips ratio (OP precision stays capped by fibres the gold does not trace), on rendered
+# cells a minimum root length precision.
+ROOT_TARGETS: dict[tuple[str, float], dict[str, float]] = {
+    **{("OP", i): {"root_f1": 0.90, "tips_ratio": 1.5} for i in INTENSITIES},
+    ("rendered", 1.0): {"root_f1": 0.90, "root_precision": 0.9},
+    ("rendered", 0.25): {"root_f1": 0.80, "root_precision": 0.9},
+    ("rendered", 0.125): {"root_f1": 0.60, "root_precision": 0.9},
+}
 
 
 def _fmt(value: float) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
 
 
-def means(runs: list[Run], key: str, intensities: tuple[float, ...] = INTENSITIES) -> Iterator[tuple[str, str, list[float]]]:
-    """Mean of ``headline(run)[key]`` per method and series, one value per intensity (NaN: none)."""
+def _count(value: float) -> str:
+    """A count that may be missing (NaN or None): ``n/a``."""
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{int(value)}"
+
+
+def means(runs: list[Run], key: str, intensities: tuple[float, ...] = INTENSITIES,
+          statistic: str = "mean") -> Iterator[tuple[str, str, list[float]]]:  # fmt: skip
+    """Mean (or ``statistic="median"``) of ``headline(run)[key]`` per method and series, one value per
+    intensity; NaN values are left out (NaN: none left)."""
+    reduce = {"mean": np.mean, "median": np.median}[statistic]
     for method in sorted({r.method for r in runs}):
         for series in ("OP", "rendered"):
             values = []
             for intensity in intensities:
                 chosen = [headline(r)[key] for r in runs if (r.method, r.series, r.intensity) == (method, series, intensity)]
                 chosen = [v for v in chosen if not math.isnan(v)]
-                values.append(float(np.mean(chosen)) if chosen else math.nan)
+                values.append(float(reduce(chosen)) if chosen else math.nan)
             if not all(math.isnan(v) for v in values):
                 yield method, series, values
 
@@ -724,6 +885,44 @@ def target_rows(runs: list[Run]) -> list[dict]:
                          "precision_ok": precision >= TARGET_PRECISION,
                          "target_met": f1 >= TARGET_F1 and weak_mean >= TARGET_WEAK_RECALL and precision >= TARGET_PRECISION})  # fmt: skip
     return rows
+
+
+def root_target_rows(runs: list[Run]) -> list[dict]:
+    """Per method, series and intensity with a target in ``ROOT_TARGETS``: the neuron at the gold root's
+    mean length F1 and precision, its median tips ratio, and the verdict.
+
+    Examples
+    --------
+    >>> ok = dict(status="ok", root_scores={"length": {"f1": 0.95, "recall": 0.9, "precision": 0.99},
+    ...           "diadem": {"score": 0.8}}, gold_tips=10)
+    >>> runs = [Run("m", "OP_1", "OP", 1.0, math.nan, math.nan, tips=t, **ok) for t in (12, 14, 30)]
+    >>> row = root_target_rows(runs)[0]
+    >>> round(row["root_f1"], 3), row["tips_ratio"], row["target_met"]  # tips: median of 1.2, 1.4, 3.0
+    (0.95, 1.4, True)
+    """
+    rows = []
+    for method in sorted({r.method for r in runs}):
+        for (series, intensity), target in ROOT_TARGETS.items():
+            mine = [headline(r) for r in runs if (r.method, r.series, r.intensity) == (method, series, intensity)]
+            if not mine:
+                continue
+            row: dict = {"method": method, "series": series, "intensity": intensity, "cases": len(mine),
+                         "target": target}  # fmt: skip
+            for key in ("root_f1", "root_precision"):
+                values = [h[key] for h in mine if not math.isnan(h[key])]
+                row[key] = float(np.mean(values)) if values else math.nan
+            ratios = [h["tips_ratio"] for h in mine if not math.isnan(h["tips_ratio"])]
+            row["tips_ratio"] = float(np.median(ratios)) if ratios else math.nan
+            # NaN compares False: an unmeasured score never meets a target.
+            row["target_met"] = all(row[k] <= v if k == "tips_ratio" else row[k] >= v for k, v in target.items())
+            rows.append(row)
+    return rows
+
+
+def _target_text(target: dict[str, float]) -> str:
+    """``{"root_f1": 0.9, "tips_ratio": 1.5}`` as ``F1 >= 0.90, tips ratio <= 1.5``."""
+    words = {"root_f1": "F1 >= {:.2f}", "root_precision": "precision >= {:.2f}", "tips_ratio": "tips ratio <= {:g}"}
+    return ", ".join(words[k].format(v) for k, v in target.items())
 
 
 def markdown(runs: list[Run], chosen_k: dict[str, float], notes: dict[str, str], weak: dict[str, dict],
@@ -777,21 +976,43 @@ def markdown(runs: list[Run], chosen_k: dict[str, float], notes: dict[str, str],
                   " | ".join(f"{i:g}" for i in intensities) + " |", "|---|---|" + "---|" * len(intensities)]  # fmt: skip
         for method, series, values in means(runs, key, intensities):
             lines.append(f"| {method} | {series} | " + " | ".join(_fmt(v) for v in values) + " |")
+    lines += ["", "## The neuron a user gets: the output tree nearest the gold's root", "",
+              "The tables above score the whole output, every tree pooled. A user who picks the traced cell keeps "
+              "one tree: the one holding the output node nearest (in um) to the gold's root (of its longest tree). "
+              "Below, that tree alone against the whole gold (same tau), and its tips over the gold's (median "
+              "across cases; failed runs left out). The issue's targets for it (column target): mean length F1, "
+              "with on OP the median tips ratio (OP precision is capped by fibres the gold does not trace) and on "
+              "rendered cells the mean length precision.", "",
+              "| method | series | intensity | cases | target | root length F1 | root precision | tips ratio (median) "
+              "| target met |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for row in root_target_rows(runs):
+        lines.append(f"| {row['method']} | {row['series']} | {row['intensity']:g} | {row['cases']} | "
+                     f"{_target_text(row['target'])} | {_fmt(row['root_f1'])} | {_fmt(row['root_precision'])} | "
+                     f"{_fmt(row['tips_ratio'])} | {'yes' if row['target_met'] else 'no'} |")  # fmt: skip
+    for key, title, statistic in ROOT_SUMMARIES:
+        lines += ["", f"{title} by series and intensity:", "", "| method | series | " +
+                  " | ".join(f"{i:g}" for i in intensities) + " |", "|---|---|" + "---|" * len(intensities)]  # fmt: skip
+        for method, series, values in means(runs, key, intensities, statistic):
+            lines.append(f"| {method} | {series} | " + " | ".join(_fmt(v) for v in values) + " |")
     marks = {m: set(training_cases(m, {r.case for r in runs})) for m in ran}
     for method, seen in sorted(marks.items()):
         if seen:
             lines.append(f"- {method}: its training data held crops or renders of {', '.join(sorted(seen))} "
                          "(marked + below): those are not held-out cases for it")  # fmt: skip
     lines += ["", "## Every run", "",
-              "| method | case | intensity | length F1 | recall | precision | P >= 0.95 | weak recall | DIADEM | seconds "
-              "| peak RSS MB | status |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+              "Root: the output tree nearest the gold's root (see above); tips: its tips / the gold's; trees: in the "
+              "whole output.", "",
+              "| method | case | intensity | length F1 | recall | precision | P >= 0.95 | weak recall | DIADEM | root F1 "
+              "| root P | tips (gold) | trees | seconds | peak RSS MB | status |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in sorted(runs, key=lambda r: (r.method, r.series, r.case, -r.intensity)):
         h = headline(r)
         star = ("*" if r.tuning else "") + ("+" if r.case in marks.get(r.method, ()) else "")
         lines.append(f"| {r.method} | {r.case}{star} | {r.intensity:g} | {h['f1']:.3f} | {h['recall']:.3f} | "
                      f"{h['precision']:.3f} | {'yes' if h['precision'] >= TARGET_PRECISION else 'no'} | "
-                     f"{_fmt(h['weak_recall'])} | {h['diadem']:.3f} | {r.seconds:.1f} | {r.peak_rss_mb:.0f} | "
-                     f"{r.status} |")  # fmt: skip
+                     f"{_fmt(h['weak_recall'])} | {h['diadem']:.3f} | {_fmt(h['root_f1'])} | "
+                     f"{_fmt(h['root_precision'])} | {_count(r.tips)} ({_count(r.gold_tips)}) | {_count(r.trees)} | "
+                     f"{r.seconds:.1f} | {r.peak_rss_mb:.0f} | {r.status} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -847,7 +1068,9 @@ def _git(*args: str) -> str:
 
 def _run_from_dict(d: dict) -> Run:
     """A :class:`Run` back from the JSON report (null numbers become NaN)."""
-    floats = ("k", "threshold", "seconds", "peak_rss_mb", "intensity", "weak_recall")
+    floats = ("k", "threshold", "seconds", "peak_rss_mb", "intensity", "weak_recall", "root_weak_recall", "tips",
+              "gold_tips", "trees")  # fmt: skip
+    # Keys missing from an older report take the dataclass defaults (empty root scores, NaN counts).
     return Run(**{k: (math.nan if k in floats and v is None else v) for k, v in d.items()})
 
 
@@ -909,7 +1132,9 @@ def main() -> int:
             r = run_one(job[0], methods[job[0]], job[1], job[2], folder)
             h = headline(r)
             print(f"{r.method:18} {r.case:24} {r.intensity:<6g} k={r.k:<3g} F1={h['f1']:.3f} P={h['precision']:.3f} "
-                  f"weak={_fmt(h['weak_recall'])} {r.seconds:7.1f} s  {r.status}", file=sys.stderr, flush=True)  # fmt: skip
+                  f"weak={_fmt(h['weak_recall'])} rootF1={_fmt(h['root_f1'])} rootP={_fmt(h['root_precision'])} "
+                  f"tips={_count(r.tips)}/{_count(r.gold_tips)} trees={_count(r.trees)} {r.seconds:7.1f} s  "
+                  f"{r.status}", file=sys.stderr, flush=True)  # fmt: skip
             return r
 
         def go(jobs: list[tuple[str, Case, float]]) -> list[Run]:
@@ -949,6 +1174,9 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     summary = {key: [{"method": m, "series": s, "means": dict(zip(map(str, intensities), v))}
                      for m, s, v in means(runs, key, intensities)] for key, _ in SUMMARIES}  # fmt: skip
+    summary.update({key: [{"method": m, "series": s, statistic: dict(zip(map(str, intensities), v))}
+                          for m, s, v in means(runs, key, intensities, statistic)]
+                    for key, _, statistic in ROOT_SUMMARIES})  # fmt: skip
     k_from = None
     if args.k_from is not None:
         previous = previous_k.get("code", {}).get("commit") or _git("log", "-1", "--format=%h", "--", str(args.k_from))
@@ -965,6 +1193,9 @@ def main() -> int:
               "weak_branches": {"fraction": WEAK_FRACTION, "per_case": weak},
               "target": {"intensity": TARGET_INTENSITY, "f1": TARGET_F1, "weak_recall": TARGET_WEAK_RECALL,
                          "precision": TARGET_PRECISION, "rows": target_rows(runs)},
+              "root_target": {"neuron": "the output tree nearest the gold's root (of its longest tree), in um",
+                              "targets": [{"series": s, "intensity": i, **t} for (s, i), t in ROOT_TARGETS.items()],
+                              "rows": root_target_rows(runs)},
               "summary": summary, "code": code_state(), "wall_seconds": time.perf_counter() - started,
               "runs": [r.__dict__ for r in runs]}  # fmt: skip
     stem = "accuracy_quick" if args.quick else "accuracy"

@@ -328,10 +328,13 @@ class TrainConfig(_Strict):
     weight_decay: NonNegative = 3e-4
     schedule: Literal["constant", "cosine", "poly"] = "constant"
     warmup_steps: Annotated[int, Field(ge=0)] = 0
+    normalisation: Literal["percentile", "robust"] = "robust"
     class_weight: Literal["foreground", "none"] = "foreground"  # seed: weights from the foreground fraction
     min_foreground_fraction: Annotated[float, Field(gt=0, le=0.5)] = 0.05  # caps the neurite weight
     dice_weight: NonNegative = 1.0
     aux_weight: NonNegative = 0.5  # deep supervision of the auxiliary heads
+    skeleton_weight: NonNegative = 0.0
+    ignore_untraced: NonNegative = 0.0
     foreground_bias: Fraction = 0.7  # share of patches centred near a neurite
     volumes: list[TrainVolume] = Field(default_factory=list)
     pool: Path | None = None

@@ -41,8 +41,12 @@ own choice sends small ones to a path 10x slower); keep torch threads x Dask thr
 worker at most the cores, since OpenMP threads that share a core stall each other.
 
 Input intensities are mapped by :func:`normalise` with a :class:`Normalisation` measured per
-volume by :func:`measure_normalisation` (robust percentiles on a bounded sample), so 8-bit
-and 16-bit data look alike to the network.
+volume by :func:`measure_normalisation` on a bounded sample, so 8-bit and 16-bit data look alike
+to the network. Two methods: ``robust`` (new checkpoints) maps the background (the median) to 0
+and the signal level (a high percentile of the voxels that stand clearly above the noise) to 1,
+which holds on sparse, background-subtracted stacks (OP_5: 67% zeros) as on noisy ones;
+``percentile`` (the first checkpoints) maps two percentiles of all voxels, which on a sparse
+stack puts the 99.9th percentile in the background haze and saturates every neurite.
 
 A checkpoint is a pair of files: ``NAME.safetensors`` (the weights; a plain tensor container,
 so loading it never runs code) and ``NAME.json`` (format ``neurotrace-checkpoint/1``: the
@@ -98,7 +102,9 @@ __all__ = [
     "DEFAULT_CLIP",
     "DEFAULT_MAX_SAMPLES",
     "DEFAULT_PERCENTILES",
+    "NORMALISATION_METHODS",
     "PRESETS",
+    "ROBUST_PERCENTILES",
     "STRIDE",
     "Checkpoint",
     "ModelSpec",
@@ -126,7 +132,18 @@ ARCHITECTURES = ("voxresnet",)
 """Architecture names a :class:`ModelSpec` (and a checkpoint) may name."""
 
 DEFAULT_PERCENTILES = (1.0, 99.9)
-"""Intensity percentiles mapped to 0 and 1 by default."""
+"""Intensity percentiles mapped to 0 and 1 by the ``percentile`` method."""
+
+ROBUST_PERCENTILES = (50.0, 99.0)
+"""The ``robust`` method's background percentile (of all voxels) and signal percentile (of the
+voxels above the noise)."""
+
+NORMALISATION_METHODS = ("percentile", "robust")
+"""How :func:`measure_normalisation` finds ``low`` and ``high``."""
+
+_NOISE_K = 3.0  # a voxel stands above the noise beyond the background + 3 robust sd ...
+_MIN_CONTRAST = 0.1  # ... and beyond a tenth of the brightest structure (haze on zero-floored stacks)
+_ROBUST_MAX = 99.99  # percentile taken as the brightest structure: one hot pixel does not set it
 
 DEFAULT_CLIP = (-1.0, 2.0)
 """Range normalised intensities are clipped to by default."""
@@ -515,12 +532,16 @@ class Normalisation:
     Parameters
     ----------
     low, high : float
-        Raw intensities (the volume's units) of the two percentiles; ``high > low``.
+        Raw intensities (the volume's units) mapped to 0 and 1; ``high > low``.
     percentiles : (float, float)
-        The percentiles ``low`` and ``high`` were measured at.
+        The percentiles ``low`` and ``high`` were measured at (see ``method``).
     clip : (float, float) or None
         Range the normalised values are clipped to: bright somata and saturated spots stay
         bounded, dim neurites keep their full resolution. ``None`` disables clipping.
+    method : {"percentile", "robust"}
+        How they were measured (see :func:`measure_normalisation`).
+    noise : float, optional
+        The robust standard deviation of the background (``robust`` only; for reports).
 
     Examples
     --------
@@ -533,8 +554,12 @@ class Normalisation:
     high: float
     percentiles: tuple[float, float] = DEFAULT_PERCENTILES
     clip: tuple[float, float] | None = DEFAULT_CLIP
+    method: str = "percentile"
+    noise: float | None = None
 
     def __post_init__(self) -> None:
+        if self.method not in NORMALISATION_METHODS:
+            raise ValueError(f"normalisation method must be one of {NORMALISATION_METHODS}, got {self.method!r}")
         low, high = float(self.low), float(self.high)
         if not (math.isfinite(low) and math.isfinite(high) and high > low):
             raise ValueError(f"normalisation needs finite low < high, got low={self.low!r}, high={self.high!r}")
@@ -551,22 +576,39 @@ class Normalisation:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (recorded with every output made with it)."""
-        return {
+        d = {
             "low": self.low,
             "high": self.high,
             "percentiles": list(self.percentiles),
             "clip": None if self.clip is None else list(self.clip),
         }
+        if self.method != "percentile":
+            d.update(method=self.method, noise=self.noise)
+        return d
+
+    def describe(self) -> str:
+        """One line for logs and reports: what was measured and how it maps.
+
+        Examples
+        --------
+        >>> Normalisation(12.0, 98.0, ROBUST_PERCENTILES, method="robust", noise=7.4).describe()
+        'background 12, noise 7.4, signal 98 -> 1 (robust)'
+        """
+        if self.method == "robust":
+            return f"background {self.low:.4g}, noise {self.noise or 0:.2g}, signal {self.high:.4g} -> 1 (robust)"
+        lo, hi = self.percentiles
+        return f"{self.low:.4g} -> 0, {self.high:.4g} -> 1 (percentiles {lo:g}, {hi:g})"
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Normalisation:
         """Inverse of :meth:`to_dict`; ``ValueError`` on missing or invalid values."""
-        unknown = set(d) - {"low", "high", "percentiles", "clip"}
+        unknown = set(d) - {"low", "high", "percentiles", "clip", "method", "noise"}
         if unknown:
             raise ValueError(f"unknown normalisation key {sorted(unknown)[0]!r}")
         try:
             return cls(d["low"], d["high"], tuple(d.get("percentiles", DEFAULT_PERCENTILES)),
-                       None if d.get("clip", DEFAULT_CLIP) is None else tuple(d.get("clip", DEFAULT_CLIP)))
+                       None if d.get("clip", DEFAULT_CLIP) is None else tuple(d.get("clip", DEFAULT_CLIP)),
+                       d.get("method", "percentile"), None if d.get("noise") is None else float(d["noise"]))
         except KeyError as e:
             raise ValueError(f"normalisation lacks {e.args[0]!r}") from None
         except TypeError as e:
@@ -609,25 +651,41 @@ def _sample(volume: Any, max_samples: int) -> np.ndarray:
 
 def measure_normalisation(
     volume: npt.ArrayLike,
-    percentiles: tuple[float, float] = DEFAULT_PERCENTILES,
+    percentiles: tuple[float, float] | None = None,
     *,
+    method: str = "percentile",
     clip: tuple[float, float] | None = DEFAULT_CLIP,
     max_samples: int = DEFAULT_MAX_SAMPLES,
 ) -> Normalisation:
-    """Measure robust intensity percentiles of a volume from a bounded sample.
+    """Measure how a volume's intensities map to network input, from a bounded sample.
 
     Reads at most ``max_samples`` voxels, never the whole of a big volume: all of it when
     small enough; otherwise whole storage chunks on an even lattice when the array is chunked
     (Zarr, HDF5, Dask) with chunks small enough for at least 16 of them; otherwise every
-    ``s``-th voxel along each axis. Non-finite values are ignored. A flat sample
-    (``high == low``) gets ``high = low + 1`` so that :func:`normalise` stays finite.
+    ``s``-th voxel along each axis. Non-finite values are ignored.
+
+    ``method="percentile"`` maps the two ``percentiles`` of all voxels to 0 and 1.
+    ``method="robust"`` maps the background to 0 and the signal level to 1:
+
+    1. background ``low``: the ``percentiles[0]``-th percentile (the median) of all voxels;
+    2. noise: 1.4826 x the median absolute deviation from it;
+    3. the voxels above the noise: brighter than ``low`` + 3 noise, + a tenth of the
+       brightest structure (the 99.99th percentile less ``low``), + one grey level for
+       integer data. The tenth keeps the haze of a zero-floored stack out;
+    4. signal ``high``: the ``percentiles[1]``-th percentile of those voxels.
+
+    A volume without such voxels, or a flat one, gets ``high = low + 1`` so that
+    :func:`normalise` stays finite.
 
     Parameters
     ----------
     volume : array-like
         A numpy array or anything with ``shape`` and numpy-style slicing (Zarr, HDF5, Dask).
-    percentiles : (float, float)
-        Percentiles mapped to 0 and 1.
+    percentiles : (float, float), optional
+        See above; default :data:`DEFAULT_PERCENTILES` (``percentile``) or
+        :data:`ROBUST_PERCENTILES` (``robust``).
+    method : {"percentile", "robust"}
+        See above.
     clip : (float, float) or None
         Stored in the result; see :class:`Normalisation`.
     max_samples : int
@@ -636,7 +694,7 @@ def measure_normalisation(
     Raises
     ------
     ValueError
-        If the volume is empty or holds no finite value.
+        If the volume is empty or holds no finite value, or ``method`` is unknown.
 
     Examples
     --------
@@ -644,7 +702,20 @@ def measure_normalisation(
     >>> n = measure_normalisation(v, (1, 99))
     >>> round(n.low, 2), round(n.high, 2)
     (9.99, 989.01)
+
+    A sparse stack: 99% background at 0 with a faint haze, a few bright neurite voxels.
+
+    >>> rng = np.random.default_rng(0)
+    >>> v = (rng.random((20, 100, 100)) < 0.2).astype(np.uint8) * 3  # haze at 3
+    >>> v[10, 50, :] = 200; v[5, :, 30] = 180
+    >>> n = measure_normalisation(v, method="robust")
+    >>> n.low, n.noise, n.high
+    (0.0, 0.0, 200.0)
     """
+    if method not in NORMALISATION_METHODS:
+        raise ValueError(f"normalisation method must be one of {NORMALISATION_METHODS}, got {method!r}")
+    if percentiles is None:
+        percentiles = ROBUST_PERCENTILES if method == "robust" else DEFAULT_PERCENTILES
     if not hasattr(volume, "shape") or not hasattr(volume, "__getitem__"):
         volume = np.asarray(volume)
     if max_samples < 1:
@@ -656,11 +727,21 @@ def measure_normalisation(
         sample = sample[np.isfinite(sample)]
         if sample.size == 0:
             raise ValueError("cannot measure a normalisation: the volume holds no finite value")
-    low, high = np.percentile(sample, [float(percentiles[0]), float(percentiles[1])])
-    low, high = float(low), float(high)
+    p = (float(percentiles[0]), float(percentiles[1]))
+    noise = None
+    if method == "robust":
+        sample = sample.astype(np.float64, copy=False)
+        low = float(np.percentile(sample, p[0]))
+        noise = 1.4826 * float(np.median(np.abs(sample - low)))
+        brightest = float(np.percentile(sample, _ROBUST_MAX))
+        step = 1.0 if volume.dtype.kind in "iub" else 0.0
+        above = sample[sample > low + max(_NOISE_K * noise, _MIN_CONTRAST * (brightest - low), step)]
+        high = float(np.percentile(above, p[1])) if above.size else low
+    else:
+        low, high = (float(v) for v in np.percentile(sample, p))
     if not high > low:
         high = low + 1.0
-    return Normalisation(low, high, (float(percentiles[0]), float(percentiles[1])), clip)
+    return Normalisation(low, high, p, clip, method, noise)
 
 
 def normalise(block: npt.ArrayLike, norm: Normalisation) -> np.ndarray:
@@ -696,6 +777,7 @@ def normalise(block: npt.ArrayLike, norm: Normalisation) -> np.ndarray:
 
 class _NormalisationPolicy(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    method: Literal["percentile", "robust"] = "percentile"  # checkpoints before "robust" name none
     percentiles: tuple[float, float] = DEFAULT_PERCENTILES
     clip: tuple[float, float] | None = DEFAULT_CLIP
 
@@ -763,9 +845,15 @@ class Checkpoint:
         clip = self.metadata["normalisation"].get("clip", DEFAULT_CLIP)
         return None if clip is None else (float(clip[0]), float(clip[1]))
 
+    @property
+    def normalisation_method(self) -> str:
+        """Method of the normalisation policy the model was trained with."""
+        return str(self.metadata["normalisation"].get("method", "percentile"))
+
     def measure_normalisation(self, volume: npt.ArrayLike, *, max_samples: int = DEFAULT_MAX_SAMPLES) -> Normalisation:
         """:func:`measure_normalisation` of ``volume`` with this checkpoint's policy."""
-        return measure_normalisation(volume, self.percentiles, clip=self.clip, max_samples=max_samples)
+        return measure_normalisation(volume, self.percentiles, method=self.normalisation_method, clip=self.clip,
+                                     max_samples=max_samples)  # fmt: skip
 
 
 _REFUSED_SUFFIXES = {".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".bin", ".tar"}
@@ -816,8 +904,9 @@ def save_checkpoint(
     *,
     voxel_size: Sequence[float],
     training: Mapping[str, Any] | None = None,
-    percentiles: tuple[float, float] = DEFAULT_PERCENTILES,
+    percentiles: tuple[float, float] | None = None,
     clip: tuple[float, float] | None = DEFAULT_CLIP,
+    normalisation: str = "percentile",
     overwrite: bool = False,
 ) -> Path:
     """Write ``NAME.safetensors`` and ``NAME.json``; return the ``.json`` path.
@@ -837,9 +926,9 @@ def save_checkpoint(
         ``(z, y, x)`` micrometres of the data the model was trained on.
     training : dict, optional
         Free-form JSON-ready summary of the training data and run (data sets, epochs, loss).
-    percentiles, clip
-        Normalisation policy applied to every volume the model sees (see
-        :func:`measure_normalisation`).
+    percentiles, clip, normalisation
+        Normalisation policy applied to every volume the model sees: percentiles, clip range
+        and method of :func:`measure_normalisation` (percentiles default to the method's).
     overwrite : bool
         Replace an existing checkpoint of that name.
 
@@ -869,7 +958,9 @@ def save_checkpoint(
     vs = tuple(float(v) for v in voxel_size)
     if len(vs) != 3 or not all(math.isfinite(v) and v > 0 for v in vs):
         raise ValueError(f"voxel_size must be 3 positive numbers (z, y, x), got {voxel_size!r}")
-    policy = Normalisation(0.0, 1.0, percentiles, clip)  # validates the policy
+    if percentiles is None:
+        percentiles = ROBUST_PERCENTILES if normalisation == "robust" else DEFAULT_PERCENTILES
+    policy = Normalisation(0.0, 1.0, percentiles, clip, normalisation)  # validates the policy
     json_path, weights_path = _checkpoint_paths(path, writing=True)
     if not overwrite:
         for p in (json_path, weights_path):
@@ -883,6 +974,7 @@ def save_checkpoint(
         "format": CHECKPOINT_FORMAT,
         "architecture": spec.model_dump(mode="json"),
         "normalisation": {
+            "method": policy.method,
             "percentiles": list(policy.percentiles),
             "clip": None if policy.clip is None else list(policy.clip),
         },

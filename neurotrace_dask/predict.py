@@ -244,8 +244,7 @@ class PredictResult:
         lines = [
             f"wrote {self.out}: p(neurite) as uint8 on the {z}x{y}x{x} grid of {self.image}",
             f"  checkpoint {self.checkpoint}",
-            f"  normalisation: {self.normalisation.low:g} -> 0, {self.normalisation.high:g} -> 1 "
-            f"(percentiles {self.normalisation.percentiles[0]:g}, {self.normalisation.percentiles[1]:g})",
+            f"  normalisation: {self.normalisation.describe()}",
             f"  {self.blocks} block(s): {self.computed} computed, {self.skipped_background} all background, "
             f"{self.resumed} done before; {self.seconds:.1f} s ({self.voxels_per_second / 1e6:.2f} Mvoxel/s)",
         ]

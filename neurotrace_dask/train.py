@@ -7,8 +7,13 @@ Data
     ``neurotrace select`` CSV chose), and patches rendered on the fly by ``synth`` (a
     ``synthetic_fraction`` of the batch). Patches are read straight from the file (Zarr,
     TIFF pages, HDF5): no volume is ever loaded whole for training. Each volume is normalised
-    as :func:`~neurotrace_dask.predict.predict` will normalise it (robust percentiles of the
-    whole volume, from a bounded sample), so training and inference see the same intensities.
+    as :func:`~neurotrace_dask.predict.predict` will normalise it (``train.normalisation``,
+    measured on the whole volume from a bounded sample, and recorded in the checkpoint), so
+    training and inference see the same intensities.
+Labels
+    Codes per voxel: 0 background, 1 neurite, 2 neurite centreline (gold SWCs and renders:
+    the tubes drawn at :data:`CENTRELINE_RADIUS_UM`), 3 left out of the loss (bright voxels
+    far from the gold's mask, with ``ignore_untraced``: fibres the gold does not trace).
 Sampling
     With probability ``foreground_bias`` a patch is centred (with jitter of a quarter patch)
     on a random neurite voxel of its volume (gold cable points, or a bounded random sample of
@@ -20,10 +25,12 @@ Augmentation
     background with fresh shot noise while the label stays: the network learns that a dim,
     noisy neurite is still a neurite.
 Loss
-    Cross-entropy weighted by the batch's foreground fraction ``f`` (background ``f``, neurite
-    ``1 - f``, ``f`` floored at ``min_foreground_fraction``: the seed's rule) plus ``dice_weight``
-    x soft Dice of the neurite class, on the fused logits plus ``aux_weight`` x the mean over
-    the four auxiliary heads (deep supervision).
+    Cross-entropy (``class_weight: foreground`` weights it by the batch's foreground fraction
+    ``f``: background ``f``, neurite ``1 - f``, ``f`` floored at ``min_foreground_fraction``,
+    the seed's rule) plus ``dice_weight`` x soft Dice of the neurite class plus
+    ``skeleton_weight`` x skeleton recall (the share of the centreline voxels found, soft), on
+    the fused logits plus ``aux_weight`` x the mean over the four auxiliary heads (deep
+    supervision). Voxels coded 3 count in none of the terms.
 Optimisation
     SGD (lr 0.01, momentum 0.9, weight decay 3e-4: the seed's) or AdamW, with a constant,
     cosine or polynomial schedule after a linear warm-up; AMP (float16 autocast with a grad
@@ -62,6 +69,7 @@ import math
 import os
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +78,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 from safetensors import SafetensorError
 from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
@@ -88,13 +97,16 @@ from .model import (
     save_checkpoint,
 )
 from .predict import _mirror  # one mirroring rule for training patches and prediction halos
+from .synth import label_mask
 
 __all__ = [
+    "CENTRELINE_RADIUS_UM",
     "TAU_XY_VOXELS",
     "TrainResult",
     "augment",
     "class_weights",
     "segmentation_loss",
+    "skeleton_recall_loss",
     "soft_dice_loss",
     "train",
     "validate",
@@ -103,6 +115,11 @@ __all__ = [
 TAU_XY_VOXELS = 3.94
 """Length-F1 tolerance of the validation, in xy voxels (the DIADEM OP xy threshold)."""
 
+NEURITE, CENTRELINE, IGNORED = 1, 2, 3  # label codes of training patches (0: background)
+CENTRELINE_RADIUS_UM = 0.5
+"""Radius (um) of the tubes drawn as centrelines: half a z step of the OP grid, so a centreline
+between two slices still marks one of them."""
+_UNTRACED_LEVEL = 0.25  # of the undimmed volume's signal level: brighter voxels are fibres
 _MAX_FG_POINTS = 20000  # neurite voxels kept per volume for the foreground-biased sampler
 _NORM_SAMPLE_BLOCKS = 64  # blocks of 32^3 read to measure a large volume's normalisation
 Int3 = tuple[int, int, int]
@@ -128,8 +145,9 @@ def class_weights(target: torch.Tensor, min_fraction: float = 0.05) -> torch.Ten
     return torch.tensor([2 * f, 2 * (1 - f)], dtype=torch.float32, device=target.device)
 
 
-def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
-    """``1 - soft Dice`` of the neurite class (softmax class 1) over the whole batch.
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0,
+                   valid: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """``1 - soft Dice`` of the neurite class (softmax class 1) over the whole batch (``valid`` voxels).
 
     Examples
     --------
@@ -139,22 +157,46 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0)
     """
     p = torch.softmax(logits.float(), dim=1)[:, 1]
     t = target.float()
+    if valid is not None:
+        p, t = p * valid, t * valid
     return 1 - (2 * (p * t).sum() + eps) / (p.sum() + t.sum() + eps)
+
+
+def skeleton_recall_loss(logits: torch.Tensor, centreline: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """``1 -`` the soft share of the centreline voxels called neurite (Kirchhoff et al. 2024).
+
+    Only recall along the centreline is asked for, so, unlike a class-weighted cross-entropy,
+    it never rewards a map wider than the neurite; it rewards one that does not break.
+
+    Examples
+    --------
+    Two of four centreline voxels found, two undecided (p = 0.5): (2 + 1 + 1) / (4 + 1) found.
+
+    >>> logits = torch.zeros(1, 2, 1, 1, 4); logits[0, 1, 0, 0, :2] = 20
+    >>> line = torch.ones(1, 1, 1, 4, dtype=torch.bool)
+    >>> round(float(skeleton_recall_loss(logits, line)), 3)
+    0.2
+    """
+    p = torch.softmax(logits.float(), dim=1)[:, 1]
+    s = centreline.float()
+    return 1 - ((p * s).sum() + eps) / (s.sum() + eps)
 
 
 def segmentation_loss(
     fused: torch.Tensor,
     aux: Sequence[torch.Tensor],
-    target: torch.Tensor,
+    labels: torch.Tensor,
     *,
     class_weight: str = "foreground",
     min_foreground_fraction: float = 0.05,
     dice_weight: float = 1.0,
     aux_weight: float = 0.5,
+    skeleton_weight: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Weighted cross-entropy + Dice on the fused logits, plus ``aux_weight`` x their mean over ``aux``.
+    """Cross-entropy + Dice + skeleton recall on the fused logits, plus ``aux_weight`` x their mean over ``aux``.
 
-    Returns the loss and its parts (``ce``, ``dice`` of the fused output) as floats.
+    ``labels`` holds the codes of the module docstring (0/1 alone: a plain binary target).
+    Returns the loss and its parts (``ce``, ``dice``, ``skeleton`` of the fused output) as floats.
 
     Examples
     --------
@@ -163,17 +205,23 @@ def segmentation_loss(
     >>> round(parts["ce"], 3), bool(loss > 0)
     (0.693, True)
     """
-    weights = class_weights(target, min_foreground_fraction) if class_weight == "foreground" else None
+    valid = labels != IGNORED
+    target = ((labels == NEURITE) | (labels == CENTRELINE)).long()
+    centreline = labels == CENTRELINE
+    weights = class_weights(target[valid], min_foreground_fraction) if class_weight == "foreground" else None
+    ce_target = target.masked_fill(~valid, -100)  # cross_entropy's ignore_index
+    zero = fused.new_zeros((), dtype=torch.float32)
 
-    def one(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        ce = F.cross_entropy(logits.float(), target, weight=weights)
-        dice = soft_dice_loss(logits, target)
-        return ce + dice_weight * dice, ce, dice
+    def one(logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ce = F.cross_entropy(logits.float(), ce_target, weight=weights, ignore_index=-100) if valid.any() else zero
+        dice = soft_dice_loss(logits, target, valid=valid)
+        skeleton = skeleton_recall_loss(logits, centreline) if skeleton_weight > 0 and centreline.any() else zero
+        return ce + dice_weight * dice + skeleton_weight * skeleton, ce, dice, skeleton
 
-    loss, ce, dice = one(fused)
+    loss, ce, dice, skeleton = one(fused)
     if aux and aux_weight > 0:
         loss = loss + aux_weight * sum(one(a)[0] for a in aux) / len(aux)
-    return loss, {"ce": float(ce.detach()), "dice": float(dice.detach())}
+    return loss, {"ce": float(ce.detach()), "dice": float(dice.detach()), "skeleton": float(skeleton.detach())}
 
 
 # --------------------------------------------------------------------------- augmentation
@@ -248,6 +296,9 @@ class _Volume:
     fg_points: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), np.int64))
     gold: Any = None  # SWC in this volume's voxel coordinates, when known
     dim_seed: int = 0
+    read_centreline: Callable[[tuple[slice, ...]], np.ndarray] | None = None
+    untraced_level: float | None = None  # raw intensity above which voxels far from the gold are left out
+    untraced_distance: float = 0.0  # um from the gold's mask
 
     def image(self, region: tuple[slice, ...], seed: int | None = None) -> np.ndarray:
         data = self.read_image(region)
@@ -258,25 +309,34 @@ class _Volume:
         return data
 
     def patch(self, lo: Sequence[int], size: Sequence[int], seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """A normalised image patch and its label codes (see the module docstring)."""
         raw = _mirrored(lambda r: self.image(r, seed), self.shape, lo, size)
-        label = _mirrored(self.read_label, self.shape, lo, size)
+        neurite = _mirrored(self.read_label, self.shape, lo, size) > 0
+        label = neurite.astype(np.uint8)
+        if self.read_centreline is not None:
+            label[_mirrored(self.read_centreline, self.shape, lo, size) > 0] = CENTRELINE
+        if self.untraced_level is not None:
+            bright = _mirrored(self.read_image, self.shape, lo, size) >= self.untraced_level
+            far = ndimage.distance_transform_edt(~neurite, sampling=self.voxel_size) > self.untraced_distance
+            label[bright & far] = IGNORED
         assert self.norm is not None
-        return normalise(raw, self.norm), (label > 0).astype(np.uint8)
+        return normalise(raw, self.norm), label
 
 
 def _offset_reader(read: Callable[[tuple[slice, ...]], np.ndarray], start: Sequence[int]) -> Callable:
     return lambda r: read(tuple(slice(s.start + o, s.stop + o) for s, o in zip(r, start)))
 
 
-def _swc_reader(gold: Any, shape: Int3, voxel_size: Sequence[float]) -> Callable:
-    """Mask patches of a gold SWC (voxel coordinates): the renderer's radius-aware tubes."""
+def _swc_reader(gold: Any, shape: Int3, voxel_size: Sequence[float], radius_um: float | None = None) -> Callable:
+    """Mask patches of a gold SWC (voxel coordinates): the renderer's radius-aware tubes
+    (or tubes of ``radius_um``: the centrelines)."""
     from .io.swc import SWC
-    from .synth import _draw, scene_from_morphologies
+    from .synth import scene_from_morphologies
 
     vs = np.asarray(voxel_size, float)
     gold_um = SWC.from_arrays(gold.zyx * vs, gold.parent_index, radius=gold.radius * vs[2], types=gold.types)
     scene = scene_from_morphologies([gold_um], shape, SynthConfig(voxel_size=tuple(vs)))
-    return lambda r: _draw(scene, [(s.start, s.stop) for s in r])[1]
+    return lambda r: label_mask(scene, r, radius_um=radius_um)
 
 
 def _cable_points(gold: Any, shape: Int3) -> np.ndarray:
@@ -307,26 +367,26 @@ def _scan_foreground(read: Callable, shape: Int3, rng: np.random.Generator) -> n
     return np.concatenate(found) if found else np.zeros((0, 3), np.int64)
 
 
-def _measure(volume: _Volume, policy: Checkpoint | None, rng: np.random.Generator) -> Normalisation:
-    """The predictor's normalisation of a volume, from all of it or from a bounded sample."""
+def _measure(volume: _Volume, method: str, rng: np.random.Generator, *, dimmed: bool = True) -> Normalisation:
+    """The predictor's normalisation of a volume (as dimmed, or as stored), from all of it or a bounded sample."""
+    read = volume.image if dimmed else volume.read_image
     shape = volume.shape
     if math.prod(shape) <= 1 << 24:
-        sample = volume.image(tuple(slice(0, n) for n in shape))
+        sample = read(tuple(slice(0, n) for n in shape))
     else:
         size = [min(32, n) for n in shape]
         parts = []
         for _ in range(_NORM_SAMPLE_BLOCKS):
             lo = [int(rng.integers(0, n - s + 1)) for n, s in zip(shape, size)]
-            parts.append(volume.image(tuple(slice(a, a + s) for a, s in zip(lo, size))).ravel())
+            parts.append(read(tuple(slice(a, a + s) for a, s in zip(lo, size))).ravel())
         sample = np.concatenate(parts)
-    if policy is not None:
-        return policy.measure_normalisation(sample)
-    return measure_normalisation(sample)
+    return measure_normalisation(sample, method=method)
 
 
-def _open_volume(spec: TrainVolume, index: int, policy: Checkpoint | None, rng: np.random.Generator,
-                 default_voxel: Sequence[float]) -> _Volume:  # fmt: skip
-    """A :class:`_Volume` from a config entry: lazily read image, mask from file or gold SWC."""
+def _open_volume(spec: TrainVolume, index: int, method: str, rng: np.random.Generator,
+                 default_voxel: Sequence[float], ignore_untraced: float = 0.0) -> _Volume:  # fmt: skip
+    """A :class:`_Volume` from a config entry: lazily read image, mask from file or gold SWC
+    (with its centrelines, and untraced fibres left out when ``ignore_untraced`` > 0)."""
     from .io.swc import SWC, read_swc
     from .io.volumes import open_volume
 
@@ -357,7 +417,13 @@ def _open_volume(spec: TrainVolume, index: int, policy: Checkpoint | None, rng: 
     volume = _Volume(f"{Path(spec.image).name}@{spec.intensity:g}", shape, voxel, read_image, read_label,  # type: ignore[arg-type]
                      spec.intensity, gold=_crop_swc(gold, shape) if gold is not None else None,
                      dim_seed=1000 + index)  # fmt: skip
-    volume.norm = _measure(volume, policy, rng)
+    volume.norm = _measure(volume, method, rng)
+    if spec.label is None:
+        volume.read_centreline = _swc_reader(gold, shape, voxel, CENTRELINE_RADIUS_UM)
+        if ignore_untraced > 0:
+            stored = _measure(volume, "robust", rng, dimmed=False)
+            volume.untraced_level = stored.low + _UNTRACED_LEVEL * (stored.high - stored.low)
+            volume.untraced_distance = float(ignore_untraced)
     volume.fg_points = _cable_points(gold, shape) if gold is not None else _scan_foreground(read_label, shape, rng)
     return volume
 
@@ -377,7 +443,7 @@ def _crop_swc(gold: Any, shape: Int3) -> Any:
     return SWC.from_arrays(gold.zyx[keep], parent, radius=gold.radius[keep], types=gold.types[keep])
 
 
-def _pool_volumes(config: TrainConfig, policy: Checkpoint | None, rng: np.random.Generator) -> tuple[list[_Volume], dict]:
+def _pool_volumes(config: TrainConfig, rng: np.random.Generator) -> tuple[list[_Volume], dict]:
     from .select import open_pool, read_subset
 
     assert config.pool is not None
@@ -389,7 +455,7 @@ def _pool_volumes(config: TrainConfig, policy: Checkpoint | None, rng: np.random
         image, label = pool.image(name), pool.label(name)
         vol = _Volume(name, tuple(int(n) for n in image.shape), pool.voxel_size,  # type: ignore[arg-type]
                       lambda r, a=image: np.asarray(a[r]), lambda r, a=label: np.asarray(a[r]))  # fmt: skip
-        vol.norm = _measure(vol, policy, rng)
+        vol.norm = _measure(vol, config.normalisation, rng)
         vol.fg_points = _scan_foreground(vol.read_label, vol.shape, rng)
         volumes.append(vol)
     sources: dict[str, int] = {}
@@ -406,20 +472,23 @@ def _pool_volumes(config: TrainConfig, policy: Checkpoint | None, rng: np.random
     return volumes, summary
 
 
-def _synthetic_patch(shape: Int3, synth: SynthConfig, n_neurons: int, rng: np.random.Generator
-                     ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """A patch rendered on the fly: random neurons at a random weak-to-bright intensity."""
+def _synthetic_patch(shape: Int3, synth: SynthConfig, n_neurons: int, rng: np.random.Generator,
+                     method: str = "robust") -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """A patch rendered on the fly: random neurons at a random weak-to-bright intensity, labels with centrelines."""
     from .synth import random_scene, render
 
     intensity = float(np.exp(rng.uniform(np.log(0.125), 0.0)))
     params = synth.model_copy(update={"seed": int(rng.integers(2**31)), "intensity": intensity})
     # Rendered with a margin so the normalisation sees a volume, not only the patch.
     big = tuple(n * 2 for n in shape)
-    image, mask = render(random_scene(n_neurons, big, params))  # type: ignore[arg-type]
-    norm = measure_normalisation(image)
+    scene = random_scene(n_neurons, big, params)  # type: ignore[arg-type]
+    image, mask = render(scene)
+    norm = measure_normalisation(image, method=method)
     lo = [int(rng.integers(0, b - s + 1)) for b, s in zip(big, shape)]
     region = tuple(slice(a, a + s) for a, s in zip(lo, shape))
-    return normalise(image[region], norm), (mask[region] > 0).astype(np.uint8)
+    label = (mask[region] > 0).astype(np.uint8)
+    label[label_mask(scene, region, radius_um=CENTRELINE_RADIUS_UM) > 0] = CENTRELINE
+    return normalise(image[region], norm), label
 
 
 def _draw_patch(volume: _Volume, patch: Int3, bias: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -439,7 +508,7 @@ def _batch(volumes: list[_Volume], config: TrainConfig, synth: SynthConfig, rng:
     xs, ys = [], []
     for _ in range(config.batch_size):
         if not volumes or rng.random() < config.synthetic_fraction:
-            x, y = _synthetic_patch(config.patch, synth, config.synthetic_neurons, rng)
+            x, y = _synthetic_patch(config.patch, synth, config.synthetic_neurons, rng, config.normalisation)
         else:
             x, y = _draw_patch(volumes[int(rng.integers(len(volumes)))], config.patch, config.foreground_bias, rng)
         x, y = augment(x, y, config.augment, rng)
@@ -457,11 +526,12 @@ def validate(
     *,
     trace: TraceConfig | None = None,
     device: str = "cpu",
+    normalisation: str = "robust",
 ) -> dict[str, Any]:
     """Voxel Dice and, with gold SWCs, length-F1 after tracing, of a model on whole volumes.
 
-    ``volumes`` are :class:`~neurotrace_dask.config.TrainVolume` entries or volumes opened
-    from them. The model is copied, so the training model's state and memory layout stay
+    ``volumes`` are :class:`~neurotrace_dask.config.TrainVolume` entries (normalised by the
+    ``normalisation`` method) or volumes opened from them. The model is copied, so the training model's state and memory layout stay
     as they are. Returns ``{"score", "dice", "f1", "volumes": [...]}``.
     """
     from .evaluate import evaluate
@@ -470,7 +540,7 @@ def validate(
 
     trace = trace or TraceConfig()
     rng = np.random.default_rng(0)
-    opened = [v if isinstance(v, _Volume) else _open_volume(v, i, None, rng, (1.0, 1.0, 1.0))
+    opened = [v if isinstance(v, _Volume) else _open_volume(v, i, normalisation, rng, (1.0, 1.0, 1.0))
               for i, v in enumerate(volumes)]  # fmt: skip
     net = copy.deepcopy(model).eval()
     spec = net.spec
@@ -704,14 +774,14 @@ def train(
 
     # Data.
     rng = np.random.default_rng([config.seed, 1 << 20])
-    policy = None
     volumes: list[_Volume] = []
     data: dict[str, Any] = {}
     if config.pool is not None:
-        pool_volumes, data["pool"] = _pool_volumes(config, policy, rng)
+        pool_volumes, data["pool"] = _pool_volumes(config, rng)
         volumes += pool_volumes
     if config.volumes:
-        volumes += [_open_volume(v, i, policy, rng, config.voxel_size) for i, v in enumerate(config.volumes)]
+        volumes += [_open_volume(v, i, config.normalisation, rng, config.voxel_size, config.ignore_untraced)
+                    for i, v in enumerate(config.volumes)]  # fmt: skip
         data["volumes"] = [{"image": str(v.image), "truth": str(v.label or v.swc), "intensity": v.intensity,
                             "region": v.region} for v in config.volumes]  # fmt: skip
     if config.synthetic_fraction > 0:
@@ -719,7 +789,8 @@ def train(
                              "intensity": "log-uniform 0.125-1", "synth": synth.model_dump(mode="json")}  # fmt: skip
     if not volumes and config.synthetic_fraction == 0:
         raise ConfigError("no training data: set train.volumes, train.pool or train.synthetic_fraction")
-    validation = [_open_volume(v, 100 + i, policy, rng, config.voxel_size) for i, v in enumerate(config.validation)]
+    validation = [_open_volume(v, 100 + i, config.normalisation, rng, config.voxel_size)
+                  for i, v in enumerate(config.validation)]  # fmt: skip
     data["validation"] = [{"image": str(v.image), "swc": str(v.swc) if v.swc else None, "intensity": v.intensity,
                            "region": v.region} for v in config.validation]  # fmt: skip
 
@@ -741,7 +812,8 @@ def train(
             "config": _json_ready(config), "validation": val, "validation_history": history,
             "best_score": None if not math.isfinite(best_score) else best_score,
         }  # fmt: skip
-        return save_checkpoint(out / name, model, spec, voxel_size=config.voxel_size, training=training, overwrite=True)
+        return save_checkpoint(out / name, model, spec, voxel_size=config.voxel_size, training=training,
+                               normalisation=config.normalisation, overwrite=True)  # fmt: skip
 
     def log_record(record: dict) -> None:
         log.write(json.dumps(record) + "\n")
@@ -752,10 +824,18 @@ def train(
     bar = tqdm(total=config.steps, initial=step, disable=not config.progress, desc="train", unit="step")
     best_path = out / "best.json"
     last_val: dict | None = None
+    def draw(at: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return _batch(volumes, config, synth, np.random.default_rng([config.seed, at]))
+
+    # The next batch is drawn in a thread while this one trains (reading, dimming and rendering
+    # release the GIL); each batch depends only on (seed, step), so the weights do not change.
+    loader = ThreadPoolExecutor(1, thread_name_prefix="batches")
+    upcoming = loader.submit(draw, step)
     try:
         while step < config.steps:
-            batch_rng = np.random.default_rng([config.seed, step])
-            x, y = _batch(volumes, config, synth, batch_rng)
+            x, y = upcoming.result()
+            if step + 1 < config.steps:
+                upcoming = loader.submit(draw, step + 1)
             x, y = x.to(device), y.to(device)
             for group in optimizer.param_groups:
                 group["lr"] = config.lr * _lr_factor(config, step)
@@ -763,7 +843,8 @@ def train(
                 fused, aux = model(x, return_aux=True)
             loss, parts = segmentation_loss(fused, aux, y, class_weight=config.class_weight,
                                             min_foreground_fraction=config.min_foreground_fraction,
-                                            dice_weight=config.dice_weight, aux_weight=config.aux_weight)  # fmt: skip
+                                            dice_weight=config.dice_weight, aux_weight=config.aux_weight,
+                                            skeleton_weight=config.skeleton_weight)  # fmt: skip
             if not torch.isfinite(loss):
                 raise RuntimeError(f"training diverged at step {step} (loss {float(loss)}); lower train.lr")
             optimizer.zero_grad(set_to_none=True)
@@ -782,10 +863,10 @@ def train(
                 log_record(record)
                 bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
                 if writer is not None:
-                    for key in ("loss", "ce", "dice", "lr"):
+                    for key in ("loss", "ce", "dice", "skeleton", "lr"):
                         writer.add_scalar(f"train/{key}", record[key], step)
             if validation and (step % config.val_every == 0 or step == config.steps):
-                last_val = validate(model, validation, trace=trace, device=str(device))
+                last_val = validate(model, validation, trace=trace, device=str(device), normalisation=config.normalisation)
                 last_val["step"] = step
                 history.append({k: last_val[k] for k in ("step", "score", "dice", "f1")})
                 log_record({"validation": last_val})
@@ -801,6 +882,7 @@ def train(
                 _save_state(_state_path(last_path), optimizer, scaler, step,
                             {"best_score": best_score if math.isfinite(best_score) else None})  # fmt: skip
     finally:
+        loader.shutdown(cancel_futures=True)
         bar.close()
         log.close()
         if writer is not None:

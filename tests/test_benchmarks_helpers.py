@@ -171,3 +171,133 @@ def test_results_json_default_and_missing_data(acc, tmp_path, monkeypatch, capsy
     monkeypatch.setattr(acc, "SHARED", tmp_path / "missing")
     assert acc.results_json("Title.", "x.json") is None
     assert "is missing" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- the neuron at the gold root
+
+
+def three_trees() -> SWC:
+    """Three trees, rows interleaved and listed child before parent, so picking one must renumber.
+
+    Tree A (rows 0, 3, 5): a line along x at y 0 from x 20 to x 40 (root row 5 at x 20).
+    Tree B (rows 1, 2, 4, 6): a fork at y 10 (root row 6 at x 0; x 0 -> 10, then two branches).
+    Tree C (row 7): a lone node at z 6 above the origin.
+    """
+    zyx = [[0, 0, 30], [0, 10, 10], [0, 14, 14], [0, 0, 40], [0, 6, 14], [0, 0, 20], [0, 10, 0], [6, 0, 0]]
+    parent = [5, 6, 1, 0, 1, -1, -1, -1]
+    return SWC.from_arrays(zyx, parent, types=[3, 3, 3, 3, 3, 3, 1, 3])
+
+
+def assert_valid_renumbering(tree: SWC) -> None:
+    """Rows 0..n-1, ids 1..n, one root at row 0 and every parent before its child."""
+    parent = tree.parent_index
+    assert tree.n_trees == 1 and parent[0] == -1
+    assert np.all(parent[1:] >= 0) and np.all(parent[1:] < np.arange(1, tree.n_nodes))
+    assert tree.ids.tolist() == list(range(1, tree.n_nodes + 1))
+
+
+def test_neuron_at_root_picks_the_tree_nearest_the_gold_root(acc):
+    test = three_trees()
+    iso = (1.0, 1.0, 1.0)
+    gold = SWC.from_arrays([[0, 1, 22], [0, 1, 39]], [-1, 0])  # root next to tree A's root
+    tree = acc.neuron_at_root(test, gold, iso)
+    assert sorted(tree.zyx[:, 2].tolist()) == [20.0, 30.0, 40.0]
+    assert_valid_renumbering(tree)
+    assert tree.cable_length() == 20.0
+
+
+def test_neuron_at_root_nearest_node_mid_tree(acc):
+    test = three_trees()
+    # The gold root lies by tree B's node at (0, 10, 10), the middle of the fork, not by any root
+    # (tree B's root is 10 away, tree A's 11.2 away).
+    gold = SWC.from_arrays([[0, 10, 11], [0, 20, 11]], [-1, 0])
+    tree = acc.neuron_at_root(test, gold, (1.0, 1.0, 1.0))
+    assert tree.n_nodes == 4
+    assert_valid_renumbering(tree)
+    assert tree.zyx[0].tolist() == [0.0, 10.0, 0.0]  # rooted where it was, at row 6's node
+    assert tree.types[0] == 1 and acc.count_tips(tree) == 2
+    assert tree.cable_length() == pytest.approx(test.cable_length() - 20.0)  # all but tree A
+
+
+def test_neuron_at_root_measures_in_micrometres(acc):
+    test = three_trees()
+    # Tree C's lone node is at (6, 0, 0), tree B's root at (0, 10, 0).
+    gold = SWC.from_arrays([[0, 4, 0], [0, 4, 5]], [-1, 0])
+    # Voxels: C sqrt(36 + 16) = 7.2 away, B 6: B. Thin 0.5 um z slices: C sqrt(9 + 16) = 5 um, B 6 um: C.
+    assert acc.neuron_at_root(test, gold, (1.0, 1.0, 1.0)).n_nodes == 4
+    near_c = acc.neuron_at_root(test, gold, (0.5, 1.0, 1.0))
+    assert near_c.n_nodes == 1 and near_c.zyx.tolist() == [[6.0, 0.0, 0.0]] and near_c.parent_index.tolist() == [-1]
+    gold = SWC.from_arrays([[0, 3, 0], [0, 3, 5]], [-1, 0])
+    # Voxels: C sqrt(36 + 9) = 6.7, B 7: C. Deep 2 um z voxels: C sqrt(144 + 9) = 12.4 um, B 7 um: B.
+    assert acc.neuron_at_root(test, gold, (1.0, 1.0, 1.0)).n_nodes == 1
+    assert acc.neuron_at_root(test, gold, (2.0, 1.0, 1.0)).n_nodes == 4
+
+
+def test_neuron_at_root_uses_the_root_of_the_longest_gold_tree(acc):
+    test = three_trees()
+    # The gold's first root sits on tree A, but its second tree (by tree B) holds more cable.
+    gold = SWC.from_arrays([[0, 0, 20], [0, 0, 25], [0, 10, 0], [0, 10, 30]], [-1, 0, -1, 2])
+    assert acc.gold_root(gold, (1.0, 1.0, 1.0)) == 2
+    assert acc.neuron_at_root(test, gold, (1.0, 1.0, 1.0)).n_nodes == 4
+    single = SWC.from_arrays([[0, 0, 20], [0, 0, 25]], [-1, 0])
+    assert acc.neuron_at_root(test, single, (1.0, 1.0, 1.0)).n_nodes == 3
+    empty = SWC.from_arrays(np.zeros((0, 3)), np.zeros(0, np.int64))
+    assert acc.neuron_at_root(empty, gold, (1.0, 1.0, 1.0)) is None
+
+
+def test_neuron_at_root_matches_the_tree_split_on_a_big_forest(acc):
+    # 20000 nodes in 50 trees, parents in random rows (children often before parents).
+    rng = np.random.default_rng(3)
+    n, k = 20000, 50
+    order = rng.permutation(n)  # order[i]: the row of the i-th node of a random recursive forest
+    parent_rank = np.where(np.arange(n) < k, -1, (rng.random(n) * np.arange(n)).astype(np.int64))
+    parent = np.full(n, -1, np.int64)
+    parent[order] = np.where(parent_rank < 0, -1, order[np.maximum(parent_rank, 0)])
+    test = SWC.from_arrays(rng.random((n, 3)) * 100, parent)
+    gold = SWC.from_arrays([[50, 50, 50], [50, 50, 60]], [-1, 0])
+    voxel = (2.0, 0.5, 0.5)
+    tree = acc.neuron_at_root(test, gold, voxel)
+    assert_valid_renumbering(tree)
+    d = np.linalg.norm((test.zyx - [50, 50, 50]) * voxel, axis=1)
+    # The tree SWC.trees() splits off that holds the nearest node (a slow but plain way to find it).
+    (expected,) = [t for t in test.trees() if np.linalg.norm((t.zyx - [50, 50, 50]) * voxel, axis=1).min() == d.min()]
+    assert tree.n_nodes == expected.n_nodes and tree.cable_length() == pytest.approx(expected.cable_length())
+    assert acc.count_tips(tree) == acc.count_tips(expected)
+    assert sum(acc.count_tips(t) for t in test.trees()) == acc.count_tips(test)
+
+
+def test_count_tips_on_small_trees(acc):
+    assert acc.count_tips(star()) == 3  # rows 6, 7 and 8; the root (one child) is no tip
+    assert acc.count_tips(SWC.from_arrays([[0, 0, 0]], [-1])) == 1  # a lone node
+    assert acc.count_tips(SWC.from_arrays([[0, 0, 0], [0, 0, 1]], [-1, 0])) == 1
+    assert acc.count_tips(SWC.from_arrays([[0, 0, 1], [0, 0, 0], [0, 0, 2]], [-1, 0, 0])) == 2  # root mid-line
+    assert acc.count_tips(three_trees()) == 4  # A's end, B's two branch ends, C's lone node
+    assert acc.count_tips(None) == 0
+
+
+def test_run_from_dict_loads_a_report_without_the_root_fields(acc):
+    old = {"method": "neurotrace-raw", "case": "OP_1", "series": "OP", "intensity": 0.25, "k": None,
+           "threshold": None, "status": "ok", "seconds": 3.5, "peak_rss_mb": 100.0, "tuning": False,
+           "weak_recall": 0.7, "scores": {"length": {"f1": 0.8, "recall": 0.75, "precision": 0.9},
+                                           "diadem": {"score": 0.6}}}  # fmt: skip
+    run = acc._run_from_dict(old)
+    assert run.root_scores == {} and math.isnan(run.tips) and math.isnan(run.gold_tips) and math.isnan(run.trees)
+    h = acc.headline(run)
+    assert h["f1"] == 0.8 and math.isnan(h["root_f1"]) and math.isnan(h["tips_ratio"])  # unknown, not 0
+    assert math.isnan(acc.root_target_rows([run])[0]["root_f1"])
+    # A report with them (NaN written as null) comes back as written.
+    new = {**old, "root_scores": old["scores"], "root_weak_recall": None, "tips": 6, "gold_tips": 4, "trees": 3}
+    run = acc._run_from_dict(new)
+    assert acc.headline(run)["root_f1"] == 0.8 and acc.headline(run)["tips_ratio"] == 1.5
+    assert math.isnan(run.root_weak_recall)
+
+
+def test_failed_run_scores_zero_for_the_root_neuron(acc):
+    run = acc.Run("rivulet2", "OP_1", "OP", 0.125, 4.0, 1.0, "failed: timeout after 300 CPU s", gold_tips=40)
+    h = acc.headline(run)
+    assert h["root_f1"] == h["root_precision"] == h["root_diadem"] == 0.0
+    assert math.isnan(h["tips_ratio"])  # no neuron to count tips on: left out of the median
+    row = acc.root_target_rows([run])[0]
+    assert row["root_f1"] == 0.0 and row["target_met"] is False
+    text = acc.markdown([run], {}, {}, {}, (1.0, 0.125))
+    assert "Neuron at the gold root: mean length F1" in text and "Tips of the neuron at the root" in text

@@ -21,6 +21,7 @@ from neurotrace_dask.errors import ConfigError, InputError, OutputError
 from neurotrace_dask.model import (
     CHECKPOINT_FORMAT,
     PRESETS,
+    ROBUST_PERCENTILES,
     STRIDE,
     ModelSpec,
     Normalisation,
@@ -553,3 +554,51 @@ def test_pickled_files_are_never_unpickled(saved, tmp_path):
     # The payload is live: unpickling it does create the marker.
     pickle.loads(evil)
     assert marker.exists()
+
+
+# --------------------------------------------------------------------------- robust normalisation
+
+
+def _sparse_stack(rng, *, noise: float = 0.0, background: float = 0.0, gain: float = 1.0) -> np.ndarray:
+    """A background-subtracted stack: zeros with a faint haze on 20% of voxels, two bright neurites."""
+    v = background + (rng.random((24, 96, 96)) < 0.2) * 3.0
+    v[12, 48, :] += 200 * gain
+    v[6, :, 30] += 180 * gain
+    v = v + noise * rng.standard_normal(v.shape)
+    return np.clip(np.rint(v), 0, 255).astype(np.uint8)
+
+
+def test_robust_normalisation_keeps_sparse_stacks_and_noise_floor_apart():
+    rng = np.random.default_rng(0)
+    sparse = _sparse_stack(rng)
+    # Percentiles of all voxels: the 99.9th lies in the haze, so the haze is grey and neurites saturate.
+    old = measure_normalisation(sparse)
+    assert normalise(np.array([3]), old)[0] >= 0.9 and normalise(np.array([200]), old)[0] == 2.0
+    new = measure_normalisation(sparse, method="robust")
+    assert (new.low, new.noise, new.method) == (0.0, 0.0, "robust")
+    assert normalise(np.array([3]), new)[0] < 0.05 and 0.8 < normalise(np.array([180]), new)[0] <= 1.0
+    # A dim, noisy version of the same scene: background at 0, neurites near 1 again.
+    dim = _sparse_stack(rng, noise=7.0, background=12.0, gain=0.3)
+    n = measure_normalisation(dim, method="robust")
+    assert 11 <= n.low <= 16 and 6 <= n.noise <= 9 and 60 <= n.high <= 95  # neurites at 12 + 54-60, plus noise
+    assert abs(float(normalise(np.array([n.low]), n)[0])) < 1e-6
+    assert "noise" in n.describe() and "robust" in n.describe()
+    with pytest.raises(ValueError, match="method"):
+        measure_normalisation(sparse, method="zscore")
+
+
+def test_checkpoint_records_its_normalisation_method(tmp_path):
+    net = build_model(ModelSpec(width=2, modules_per_stage=0), seed=0)
+    robust = load_checkpoint(save_checkpoint(tmp_path / "r", net, voxel_size=(1, 1, 1), normalisation="robust"))
+    assert robust.normalisation_method == "robust" and robust.percentiles == ROBUST_PERCENTILES
+    stack = _sparse_stack(np.random.default_rng(1))
+    assert robust.measure_normalisation(stack) == measure_normalisation(stack, method="robust")
+    # Checkpoints written before the method was recorded were trained with percentiles.
+    meta = tmp_path / "r.json"
+    doc = json.loads(meta.read_text())
+    del doc["normalisation"]["method"]
+    doc["normalisation"]["percentiles"] = [1, 99.9]
+    meta.write_text(json.dumps(doc))
+    assert load_checkpoint(meta).normalisation_method == "percentile"
+    n = Normalisation(12.0, 98.0, ROBUST_PERCENTILES, method="robust", noise=7.4)
+    assert Normalisation.from_dict(json.loads(json.dumps(n.to_dict()))) == n

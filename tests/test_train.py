@@ -18,7 +18,9 @@ from neurotrace_dask.io.swc import write_swc
 from neurotrace_dask.model import ModelSpec, build_model, load_checkpoint, save_checkpoint
 from neurotrace_dask.select import write_pool
 from neurotrace_dask.synth import random_morphology, render, scene_from_swc
-from neurotrace_dask.train import augment, class_weights, segmentation_loss, soft_dice_loss, train
+from neurotrace_dask.io.swc import SWC
+from neurotrace_dask.train import (CENTRELINE, IGNORED, NEURITE, _open_volume, augment, class_weights,
+                                   segmentation_loss, soft_dice_loss, train)  # fmt: skip
 
 NEUROTRACE = str(Path(sys.executable).with_name("neurotrace"))
 REPO = Path(__file__).resolve().parents[1]
@@ -84,6 +86,49 @@ def test_dice_and_deep_supervision():
     loss_fused, _ = segmentation_loss(perfect, [], target)
     loss_aux, _ = segmentation_loss(perfect, [wrong], target, aux_weight=0.5)
     assert float(loss_aux) > float(loss_fused) + 1
+
+
+def test_ignored_voxels_count_in_no_term_and_skeleton_recall_asks_for_the_centreline():
+    labels = torch.zeros(1, 4, 8, 8, dtype=torch.long)
+    labels[0, 1:3, 3:5, :] = NEURITE
+    labels[0, 2, 4, :] = CENTRELINE
+    target = (labels > 0).long()
+    right = torch.stack([1 - target, target], 1).float() * 40 - 20
+    base, parts = segmentation_loss(right, [], labels, class_weight="none", skeleton_weight=1.0)
+    assert parts["ce"] < 1e-6 and parts["skeleton"] < 0.2
+    # A wrong call where the label says "left out" costs nothing.
+    wrong_there = right.clone()
+    labels_ignored = labels.clone()
+    labels_ignored[0, :, 0, :] = IGNORED
+    wrong_there[0, :, :, 0, :] = -wrong_there[0, :, :, 0, :]
+    ignored, _ = segmentation_loss(wrong_there, [], labels_ignored, class_weight="none", skeleton_weight=1.0)
+    counted, _ = segmentation_loss(wrong_there, [], labels, class_weight="none", skeleton_weight=1.0)
+    assert float(ignored) == pytest.approx(float(base), abs=1e-4) and float(counted) > float(base) + 0.05
+    # Missing the centreline costs the skeleton term; a map wider than the label does not.
+    missed = right.clone()
+    missed[0, :, 2, 4, :] = -missed[0, :, 2, 4, :]
+    assert segmentation_loss(missed, [], labels, class_weight="none", skeleton_weight=1.0)[1]["skeleton"] > 0.8
+    wide = torch.stack([torch.zeros_like(target), torch.ones_like(target)], 1).float() * 40 - 20
+    assert segmentation_loss(wide, [], labels, class_weight="none", skeleton_weight=1.0)[1]["skeleton"] < 0.2
+
+
+def test_swc_volumes_get_centrelines_and_untraced_fibres_left_out(tmp_path):
+    # A bright fibre the gold does not trace, 10 voxels from the traced one.
+    image = np.zeros((12, 40, 40), np.uint8)
+    image[5:7, 9:12, 2:38] = 200  # traced
+    image[5:7, 29:32, 2:38] = 180  # untraced
+    tifffile.imwrite(tmp_path / "img.tif", image)
+    gold = SWC.from_arrays(np.array([[6, 10, x] for x in range(2, 38, 4)], float), np.arange(-1, 8), radius=np.full(9, 1.5))
+    write_swc(tmp_path / "gold.swc", gold)
+    spec = TrainVolume(image=tmp_path / "img.tif", swc=tmp_path / "gold.swc", voxel_size=(1, 0.5, 0.5))
+    volume = _open_volume(spec, 0, "robust", np.random.default_rng(0), (1, 1, 1), ignore_untraced=2.0)
+    x, label = volume.patch([0, 0, 0], [12, 40, 40], seed=0)
+    assert (label[6, 10, 4:36] == CENTRELINE).all()
+    assert (label[5:7, 29:32, 4:36] == IGNORED).all()
+    assert not (label[:, :, :] == IGNORED)[:, 5:15].any()  # near the gold: background stays background
+    assert abs(float(x[0, 0, 0])) < 1e-6 and 0.8 < float(x[6, 10, 20]) <= 1.0  # robust normalisation
+    plain = _open_volume(spec, 0, "robust", np.random.default_rng(0), (1, 1, 1))
+    assert not (plain.patch([0, 0, 0], [12, 40, 40], seed=0)[1] == IGNORED).any()
 
 
 # --------------------------------------------------------------------------- augmentation
@@ -180,6 +225,17 @@ def test_train_yaml_is_valid():
     cfg = load_config(REPO / "configs" / "train.yaml")
     assert cfg.train.preset == "small" and cfg.train.threads == 1
     assert cfg.train.validation and all(v.swc for v in cfg.train.validation)
+
+
+def test_default_recipe_never_sees_a_test_case():
+    cfg = load_config(REPO / "configs" / "train_default.yaml").train
+    assert cfg.normalisation == "robust" and cfg.skeleton_weight > 0 and cfg.schedule == "cosine"
+    assert cfg.steps >= 10000 and cfg.ignore_untraced > 0
+    seen = [v.image.name for v in cfg.volumes + cfg.validation]
+    assert "OP_5.tif" not in seen  # OP_5 is a test stack of benchmarks/accuracy.py
+    # The validation half of OP_4 and the training half do not overlap.
+    train_half = [v.region for v in cfg.volumes if v.image.name == "OP_4.tif"]
+    assert train_half and all(r[1][0] >= v.region[1][1] for r in train_half for v in cfg.validation)
 
 
 def test_patch_must_fit_the_stride():
