@@ -45,6 +45,8 @@ WorkersOption = Annotated[
 ]
 ThreadsOption = Annotated[Optional[int], typer.Option("--threads", help="Local cluster: threads per worker.", min=1)]
 OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")]
+SEEDS_HELP = "CSV of seed voxels (z,y,x, or as its header names them): each becomes the root of its tree."
+KEEP_HELP = "Neurons written: all, seeded (grown from --seeds) or largest."
 
 
 def _version(value: bool) -> None:
@@ -186,7 +188,8 @@ def trace(
     image: Annotated[Path, typer.Argument(help="Probability OME-Zarr (uint8, from predict), or a raw image with --raw.")],
     out: Annotated[Path, typer.Option("--out", help="Output folder: neurons/NNNN.swc, neurons.csv, review.csv.")],
     raw: Annotated[bool, typer.Option("--raw", help="The input is a raw image: threshold it locally first.")] = False,
-    seeds: Annotated[Optional[Path], typer.Option("--seeds", help="CSV of z,y,x seed voxels traced first.")] = None,
+    seeds: Annotated[Optional[Path], typer.Option("--seeds", help=SEEDS_HELP)] = None,
+    keep: Annotated[Optional[str], typer.Option("--keep", help=KEEP_HELP)] = None,
     block: Annotated[Optional[Triple], typer.Option("--block", help="Voxels Z Y X traced per task.")] = None,
     high: Annotated[Optional[float], typer.Option("--high", help="Hysteresis high threshold (0-255).")] = None,
     low: Annotated[Optional[float], typer.Option("--low", help="Hysteresis low threshold (0-255).")] = None,
@@ -201,7 +204,7 @@ def trace(
     from .trace import trace_volume
 
     overrides = {
-        "trace": _drop_none(dict(block=block, high=high, low=low, overwrite=overwrite)),
+        "trace": _drop_none(dict(block=block, high=high, low=low, keep=keep, overwrite=overwrite)),
         "cluster": _cluster_overrides(scheduler, slurm, workers, threads),
     }
     cfg = load_config(config, overrides)
@@ -221,7 +224,8 @@ def run_pipeline(
         Optional[Path], typer.Option("--checkpoint", help="Network weights NAME.json (default: the shipped one).")
     ] = None,
     raw: Annotated[bool, typer.Option("--raw", help="Trace the image itself, without the network.")] = False,
-    seeds: Annotated[Optional[Path], typer.Option("--seeds", help="CSV of z,y,x seed voxels traced first.")] = None,
+    seeds: Annotated[Optional[Path], typer.Option("--seeds", help=SEEDS_HELP)] = None,
+    keep: Annotated[Optional[str], typer.Option("--keep", help=KEEP_HELP)] = None,
     gold: Annotated[Optional[Path], typer.Option("--gold", help="Gold-standard SWC to evaluate against.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (blocks, memory, time) and stop.")] = False,
     overwrite: OverwriteOption = False,
@@ -236,7 +240,7 @@ def run_pipeline(
     overrides: dict[str, Any] = {
         "convert": _drop_none(dict(voxel_size=voxel_size)),
         "predict": _drop_none(dict(block=block)),
-        "trace": _drop_none(dict(block=block)),
+        "trace": _drop_none(dict(block=block, keep=keep)),
         "cluster": _cluster_overrides(scheduler, slurm, workers, threads),
     }
     cfg = load_config(config, overrides)

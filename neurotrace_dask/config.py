@@ -244,6 +244,7 @@ class TraceConfig(_Strict):
     background_sigma: Positive = 3.0
     block: Triple | None = None  # voxels per task; None: one block up to 2**27 voxels, else 256^3
     halo: Annotated[int, Field(ge=1)] = 16  # context voxels around each block (hysteresis, somata)
+    keep: Literal["all", "seeded", "largest"] = "all"  # neurons written: all, those grown from --seeds, the largest
     overwrite: bool = False
 
     @model_validator(mode="after")

@@ -206,6 +206,8 @@ def run(
         sha = load_checkpoint(checkpoint).sha256
     if seeds is not None:
         read_seeds(seeds)
+    elif config.trace.keep == "seeded":
+        raise ConfigError("trace.keep 'seeded' needs --seeds (a CSV of seed voxels)")
     gold_swc = read_swc(gold) if gold is not None else None
     out.mkdir(parents=True, exist_ok=True)
     state = _read_state(out)

@@ -190,12 +190,13 @@ def join_fragments(
     See the module docstring.
     """
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("positions", "radius", "confidence", "edges", "soma",
-                                                           "port", "active", "on_face", "block", "bridges")}  # fmt: skip
+                                                           "port", "active", "seed", "on_face", "block",
+                                                           "bridges")}  # fmt: skip
     n = 0
     voxel_size = (1.0, 1.0, 1.0)
     for b, frags in enumerate(records):
         voxel_size = frags.voxel_size
-        for key in ("positions", "radius", "confidence", "soma", "port", "active", "on_face", "bridges"):
+        for key in ("positions", "radius", "confidence", "soma", "port", "active", "seed", "on_face", "bridges"):
             parts[key].append(getattr(frags, key))
         parts["edges"].append(frags.edges + n)
         parts["block"].append(np.full(frags.n_nodes, b, np.int64))
@@ -208,8 +209,8 @@ def join_fragments(
                           np.zeros(0, bool), voxel_size=voxel_size)  # fmt: skip
         return Neurons(empty, review)
     pos, radius, confidence = (np.concatenate(parts[k]) for k in ("positions", "radius", "confidence"))
-    soma, port, active, on_face, block = (np.concatenate(parts[k]) for k in ("soma", "port", "active", "on_face",
-                                                                              "block"))  # fmt: skip
+    soma, port, active, seed, on_face, block = (np.concatenate(parts[k]) for k in ("soma", "port", "active", "seed",
+                                                                                    "on_face", "block"))  # fmt: skip
     edges = np.concatenate(parts["edges"]).reshape(-1, 2)
     for r in np.concatenate(parts["bridges"]):
         review.append(dict(kind="bridge", z=r["z"], y=r["y"], x=r["x"], length_um=r["length_um"],
@@ -219,8 +220,8 @@ def join_fragments(
     # 1. Port identity (and twins along shared faces).
     rep = _merge_groups(pos, soma | port, on_face, block, voxel)
     np.maximum.at(radius, rep, radius.copy())
-    np.logical_or.at(soma, rep, soma.copy())
-    np.logical_or.at(active, rep, active.copy())
+    for flag in (soma, active, seed):
+        np.logical_or.at(flag, rep, flag.copy())
     conf_sum = np.bincount(rep, weights=confidence, minlength=n)
     count = np.bincount(rep, minlength=n)
     keep = rep == np.arange(n)
@@ -230,8 +231,8 @@ def join_fragments(
     edges = edges[edges[:, 0] != edges[:, 1]]
     edges = np.unique(np.sort(edges, axis=1), axis=0) if edges.size else edges.reshape(0, 2)
     _, edges = _renumber(keep, edges)
-    pos, radius, confidence, soma, port, active, fused, block = (
-        a[keep] for a in (pos, radius, confidence, soma, port, active, fused, block))
+    pos, radius, confidence, soma, port, active, seed, fused, block = (
+        a[keep] for a in (pos, radius, confidence, soma, port, active, seed, fused, block))
     n = pos.shape[0]
 
     # 2. Cycles: keep the most confident edges.
@@ -247,7 +248,8 @@ def join_fragments(
 
     # 3. Gaps across block faces.
     if sample is not None:
-        edges, records_ = bridge_tips(pos, voxel, edges, soma, sample, distance=bridge_distance, angle=bridge_angle,
+        edges, records_ = bridge_tips(pos, voxel, edges, soma | seed, sample, distance=bridge_distance,
+                                      angle=bridge_angle,
                                       min_mean=bridge_min_mean, facing_distance=bridge_facing_distance,
                                       facing_min_mean=bridge_facing_min_mean,
                                       allowed=lambda t, j: block[t] != block[j])  # fmt: skip
@@ -258,21 +260,21 @@ def join_fragments(
     # Hysteresis across blocks, after bridging: a neuron needs a bright voxel somewhere.
     _, comp = connected_components(coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(n, n)),
                                    directed=False)  # fmt: skip
-    keep = (np.bincount(comp, weights=active) > 0)[comp]
+    keep = (np.bincount(comp, weights=active | seed) > 0)[comp]
     _, edges = _renumber(keep, edges)
-    pos, radius, confidence, soma, port = pos[keep], radius[keep], confidence[keep], soma[keep], port[keep]
+    pos, radius, confidence, soma, port, seed = (a[keep] for a in (pos, radius, confidence, soma, port, seed))
 
     # 4. Spurs (ports are interior now) and short fragments.
-    keep = _prune_spurs(pos * voxel, radius, edges, soma, spur_factor)
+    keep = _prune_spurs(pos * voxel, radius, edges, soma | seed, spur_factor)
     _, edges = _renumber(keep, edges)
-    pos, radius, confidence, soma, port = pos[keep], radius[keep], confidence[keep], soma[keep], port[keep]
+    pos, radius, confidence, soma, port, seed = (a[keep] for a in (pos, radius, confidence, soma, port, seed))
     comp, lengths = _component_lengths(pos * voxel, edges)
-    has_soma = np.bincount(comp, weights=soma, minlength=lengths.size) > 0
-    keep = (lengths >= min_length)[comp] | has_soma[comp]
+    anchored = np.bincount(comp, weights=soma | seed, minlength=lengths.size) > 0
+    keep = (lengths >= min_length)[comp] | anchored[comp]
     _, edges = _renumber(keep, edges)
-    pos, radius, confidence, soma, port = pos[keep], radius[keep], confidence[keep], soma[keep], port[keep]
+    pos, radius, confidence, soma, port, seed = (a[keep] for a in (pos, radius, confidence, soma, port, seed))
     on_face = np.zeros(pos.shape[0], bool)
-    frags = Fragments(pos, radius, confidence, edges, on_face, soma, voxel_size=voxel_size, port=port)
+    frags = Fragments(pos, radius, confidence, edges, on_face, soma, voxel_size=voxel_size, port=port, seed=seed)
     review.extend(_low_confidence_stretches(frags, low / 255))
     return Neurons(frags, review)
 
@@ -299,7 +301,8 @@ def _trees(frags: Fragments) -> list[Fragments]:
         local[rows] = np.arange(rows.size)
         e = local[frags.edges[edge_order[edge_bounds[c]:edge_bounds[c + 1]]]]
         trees.append(Fragments(frags.positions[rows], frags.radius[rows], frags.confidence[rows], e,
-                               frags.on_face[rows], frags.soma[rows], voxel_size=frags.voxel_size))  # fmt: skip
+                               frags.on_face[rows], frags.soma[rows], voxel_size=frags.voxel_size,
+                               seed=frags.seed[rows]))  # fmt: skip
     return trees
 
 
@@ -309,13 +312,17 @@ def write_neurons(
     *,
     comments: Sequence[str] = (),
     merged: bool = True,
+    keep: str = "all",
 ) -> list[dict]:
     """Write ``neurons/NNNN.swc``, ``neurons.csv``, ``review.csv`` (and ``neurons.swc``) into ``out``.
 
     SWC positions are global voxel coordinates ``x y z`` with the voxel size in the header.
     ``neurons.csv`` has one row per neuron (id, soma position, cable length, nodes, tips,
-    bounding box, whether a soma was found); ``review.csv`` lists the places to check,
-    ranked by ``risk`` (0-1, highest first). Returns the ``neurons.csv`` rows.
+    bounding box, whether a soma was found, whether it grew from a seed); ``review.csv``
+    lists the places to check, ranked by ``risk`` (0-1, highest first). ``keep`` picks the
+    neurons written: ``all``, ``seeded`` (those holding a seed, rooted there) or ``largest``
+    (the one with the most cable); review rows of the others are left out. Returns the
+    ``neurons.csv`` rows.
 
     Examples
     --------
@@ -333,15 +340,22 @@ def write_neurons(
     rows: list[dict] = []
     positions: list[np.ndarray] = []
     tree_id: list[np.ndarray] = []  # neuron id of every node of ``positions``
-    if frags.n_nodes:
-        for i, tree in enumerate(_trees(frags), start=1):
+    if keep not in ("all", "seeded", "largest"):
+        raise ValueError(f"keep must be all, seeded or largest, got {keep!r}")
+    trees = _trees(frags) if frags.n_nodes else []
+    if keep == "seeded":
+        trees = [t for t in trees if t.seed.any()]
+    elif keep == "largest":
+        trees = trees[:1]  # _trees sorts by cable, longest first
+    if trees:
+        for i, tree in enumerate(trees, start=1):
             swc = tree.to_swc()
             write_swc(out / "neurons" / f"{i:04d}.swc", swc, voxel_size_zyx=voxel, comments=comments)
             degree = np.bincount(tree.edges.ravel(), minlength=tree.n_nodes)
             somata = np.flatnonzero(tree.soma)
             soma = tree.positions[somata[np.argmax(tree.radius[somata])]] if somata.size else None
             lo, hi = tree.positions.min(axis=0), tree.positions.max(axis=0)
-            rows.append({"id": i, "has_soma": soma is not None,
+            rows.append({"id": i, "has_soma": soma is not None, "seeded": bool(tree.seed.any()),
                          "soma_z": "" if soma is None else round(float(soma[0]), 2),
                          "soma_y": "" if soma is None else round(float(soma[1]), 2),
                          "soma_x": "" if soma is None else round(float(soma[2]), 2),
@@ -352,22 +366,37 @@ def write_neurons(
             positions.append(tree.positions)
             tree_id.append(np.full(tree.n_nodes, i))
         if merged:
-            write_swc(out / "neurons.swc", frags.to_swc(), voxel_size_zyx=voxel, comments=comments)
+            write_swc(out / "neurons.swc", frags.to_swc() if keep == "all" else _forest(trees).to_swc(),
+                      voxel_size_zyx=voxel, comments=comments)  # fmt: skip
     columns = ["id", "has_soma", "soma_z", "soma_y", "soma_x", "cable_um", "nodes", "tips",
-               "z0", "y0", "x0", "z1", "y1", "x1"]  # fmt: skip
+               "z0", "y0", "x0", "z1", "y1", "x1", "seeded"]  # fmt: skip
     _write_csv(out / "neurons.csv", columns, rows)
     review = sorted(neurons.review, key=lambda r: (-r["risk"], r["z"], r["y"], r["x"]))
-    nearest = cKDTree(np.concatenate(positions)) if positions else None
+    nearest = cKDTree(np.concatenate(positions) * np.asarray(voxel)) if positions else None
+    if keep != "all":  # only places on the neurons written: a bridge's midpoint lies within half its length
+        review = [r for r in review if nearest is not None and nearest.query(
+            np.array([r["z"], r["y"], r["x"]]) * np.asarray(voxel))[0] <= r["length_um"] / 2 + max(voxel)]
     ids = np.concatenate(tree_id) if tree_id else np.zeros(0, np.int64)
     ranked = []
     for rank, r in enumerate(review, start=1):
-        neuron = int(ids[nearest.query([r["z"], r["y"], r["x"]])[1]]) if nearest is not None else ""
+        neuron = int(ids[nearest.query(np.array([r["z"], r["y"], r["x"]]) * np.asarray(voxel))[1]]) \
+            if nearest is not None else ""  # fmt: skip
         ranked.append({"rank": rank, "kind": r["kind"], "neuron": neuron, "z": round(float(r["z"]), 2),
                        "y": round(float(r["y"]), 2), "x": round(float(r["x"]), 2),
                        "length_um": round(float(r["length_um"]), 3), "confidence": round(float(r["confidence"]), 3),
                        "risk": round(float(r["risk"]), 3)})  # fmt: skip
     _write_csv(out / "review.csv", list(REVIEW_FIELDS), ranked)
     return rows
+
+
+def _forest(trees: Sequence[Fragments]) -> Fragments:
+    """Trees (from :func:`_trees`) as one record again."""
+    offsets = np.cumsum([0] + [t.n_nodes for t in trees[:-1]])
+    cat = {k: np.concatenate([getattr(t, k) for t in trees]) for k in ("positions", "radius", "confidence", "on_face",
+                                                                      "soma", "seed")}  # fmt: skip
+    edges = np.concatenate([t.edges + o for t, o in zip(trees, offsets)]).reshape(-1, 2)
+    return Fragments(cat["positions"], cat["radius"], cat["confidence"], edges, cat["on_face"], cat["soma"],
+                     voxel_size=trees[0].voxel_size, seed=cat["seed"])  # fmt: skip
 
 
 def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:

@@ -147,6 +147,8 @@ class Fragments:
         Node's fragment (its foreground components, joined by bridges) holds a voxel
         ``>= high`` in this block's view. Inactive fragments (dim, near a shared face) are
         kept only if the stitch joins them to an active one: hysteresis across blocks.
+    seed : (n,) bool
+        Node was grown from a user's seed: its tree is rooted there and always kept.
     """
 
     positions: np.ndarray
@@ -159,12 +161,15 @@ class Fragments:
     voxel_size: Float3 = (1.0, 1.0, 1.0)
     port: np.ndarray = None  # type: ignore[assignment]  # filled in __post_init__
     active: np.ndarray = None  # type: ignore[assignment]
+    seed: np.ndarray = None  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         if self.port is None:
             self.port = np.zeros(self.positions.shape[0], bool)
         if self.active is None:
             self.active = np.ones(self.positions.shape[0], bool)
+        if self.seed is None:
+            self.seed = np.zeros(self.positions.shape[0], bool)
 
     def save(self, path: str | Path) -> None:
         """Write the record as ``.npz`` (no pickles), atomically: a temporary file renamed.
@@ -180,8 +185,8 @@ class Fragments:
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp.npz")
         np.savez(tmp, positions=self.positions, radius=self.radius, confidence=self.confidence, edges=self.edges,
-                 on_face=self.on_face, soma=self.soma, port=self.port, active=self.active, bridges=self.bridges,
-                 voxel_size=np.asarray(self.voxel_size, np.float64))  # fmt: skip
+                 on_face=self.on_face, soma=self.soma, port=self.port, active=self.active, seed=self.seed,
+                 bridges=self.bridges, voxel_size=np.asarray(self.voxel_size, np.float64))  # fmt: skip
         os.replace(tmp, path)
 
     @classmethod
@@ -210,8 +215,8 @@ class Fragments:
     def to_swc(self) -> SWC:
         """The fragments as an SWC forest in voxel coordinates.
 
-        Each connected component becomes one tree, rooted at its soma node when it has
-        one (the largest), else at an end node. Cycles (possible after stitching) are
+        Each connected component becomes one tree, rooted at its seed node when it has one
+        (a user's seed), else at its soma node (the largest), else at an end node. Cycles (possible after stitching) are
         broken by keeping a minimum spanning tree of the edge lengths. Types are 1 for
         soma nodes, 3 otherwise; radii are in in-plane (x) voxels, as in ``synth``'s gold.
 
@@ -241,7 +246,10 @@ class Fragments:
         for comp in np.unique(labels):
             members = np.flatnonzero(labels == comp)
             somata = members[self.soma[members]]
-            if somata.size:
+            seeded = members[self.seed[members]]
+            if seeded.size:
+                root = int(seeded[0])
+            elif somata.size:
                 root = int(somata[np.argmax(self.radius[somata])])
             else:
                 ends = members[degree[members] <= 1]
@@ -1457,7 +1465,9 @@ def trace_block(
         Hysteresis thresholds on ``prob``.
     seeds : (k, 3) array_like of int, optional
         Seed voxels ``z, y, x`` (coordinates of ``prob``); traced after somata, before the
-        rest. Seeds outside the foreground or outside ``inner`` are ignored.
+        rest. A seed's node is marked (:attr:`Fragments.seed`): never pruned, its fragment
+        always kept, its tree rooted there. Seeds outside the foreground or outside
+        ``inner`` are ignored.
     origin : (z, y, x)
         Global position of ``prob[0, 0, 0]``, added to the output positions.
     inner : three slices, optional
@@ -1600,8 +1610,10 @@ def trace_block(
     singles = list(ports)
     if seeds is not None:
         s = np.rint(np.asarray(seeds, np.float64).reshape(-1, 3)).astype(np.int64) - corner
-        inside = np.all((s >= 0) & (s < np.asarray(fg.shape)), axis=1)
-        singles.extend(np.ravel_multi_index(tuple(s[inside].T), fg.shape).tolist())
+        s = s[np.all((s >= 0) & (s < np.asarray(fg.shape)), axis=1)]
+        s = s[fg[tuple(s.T)]] if s.size else s
+        singles.extend(np.unique(np.ravel_multi_index(tuple(s.T), fg.shape)).tolist())
+    n_given = len(singles) - len(ports)
     n_lab, labels = _components26(fg, fg_index)
     # All seeds grow at once, so components already seeded get no extra seed.
     taken = [v for vox in seed_vox for v in vox] + singles
@@ -1624,11 +1636,13 @@ def trace_block(
     finally:
         rank[fg_index] = 0  # zero again for the next block
     n = pos.shape[0]
-    kind = np.asarray(kinds + ["port"] * len(ports) + ["other"] * (len(seed_pos) - len(kinds) - len(ports)))
+    kind = np.asarray(kinds + ["port"] * len(ports) + ["seed"] * n_given
+                      + ["other"] * (len(seed_pos) - len(kinds) - len(ports) - n_given))  # fmt: skip
     made = seed_node >= 0
-    soma, port = np.zeros(n, bool), np.zeros(n, bool)
+    soma, port, seeded = np.zeros(n, bool), np.zeros(n, bool), np.zeros(n, bool)
     soma[seed_node[made & np.isin(kind, ["soma", "soma port"])]] = True
     port[seed_node[made & np.isin(kind, ["port", "soma port"])]] = True  # joined by position in the stitch
+    seeded[seed_node[made & (kind == "seed")]] = True
     child = np.flatnonzero(parent >= 0)
     edges = np.stack([child, parent[child]], axis=1).astype(np.int64).reshape(-1, 2)
     # Fronts of one component that met (soma, ports, seeds) are joined where they touched.
@@ -1646,10 +1660,11 @@ def trace_block(
     graph = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(n, n))
     _, comp = connected_components(graph, directed=False)
     is_active = (np.bincount(comp, weights=is_active, minlength=comp.max() + 1) > 0)[comp] if n else is_active
-    held = soma | port  # never pruned, bridged from, or moved: they anchor trees and joins
+    held = soma | port | seeded  # never pruned, bridged from, or moved: they anchor trees and joins
     keep = _prune_spurs(pos * voxel, radius, edges, held, spur_factor)
     _, edges = _renumber(keep, edges)
-    pos, radius, soma, port, held, is_active = pos[keep], radius[keep], soma[keep], port[keep], held[keep], is_active[keep]
+    pos, radius, soma, port, seeded, held, is_active = (a[keep] for a in (pos, radius, soma, port, seeded, held,
+                                                                          is_active))  # fmt: skip
 
     def sample(a: np.ndarray, b: np.ndarray) -> float:
         idx = tuple(line_voxels(a, b, prob.shape).T)
@@ -1667,12 +1682,13 @@ def trace_block(
     near_face = np.zeros(pos.shape[0], bool)
     for _, axis, plane in _shared_planes(tuple(slice(0, n) for n in fg.shape), port_faces):
         near_face |= np.abs(pos[:, axis] - plane) * voxel[axis] <= bridge_reach
-    reachable = np.bincount(comp, weights=is_active | near_face, minlength=lengths.size) > 0
+    reachable = np.bincount(comp, weights=is_active | near_face | seeded, minlength=lengths.size) > 0
     keep = ((lengths >= min_length) | anchored)[comp] & reachable[comp]
     # Review only the bridges that stay: those of dropped fragments are no one's concern.
     records = [r for r, (t, _) in zip(records, edges[n_unbridged:].tolist(), strict=True) if keep[t]]
     _, edges = _renumber(keep, edges)
-    pos, radius, soma, port, held, is_active = pos[keep], radius[keep], soma[keep], port[keep], held[keep], is_active[keep]
+    pos, radius, soma, port, seeded, held, is_active = (a[keep] for a in (pos, radius, soma, port, seeded, held,
+                                                                          is_active))  # fmt: skip
     if extend_length > 0 and pos.shape[0]:
         # The kept fragments' foreground: the components their nodes lie in.
         node_vox = np.ravel_multi_index(tuple(np.clip(np.rint(pos).astype(np.int64), 0, np.asarray(fg.shape) - 1).T),
@@ -1685,7 +1701,7 @@ def trace_block(
         records += links  # linking extensions are closed gaps, listed for review like bridges
         pos, edges = np.concatenate([pos, new_pos]), np.concatenate([edges, new_edges])
         radius, is_active = np.concatenate([radius, radius[source]]), np.concatenate([is_active, is_active[source]])
-        soma, port, held = (np.concatenate([a, np.zeros(source.size, bool)]) for a in (soma, port, held))
+        soma, port, seeded, held = (np.concatenate([a, np.zeros(source.size, bool)]) for a in (soma, port, seeded, held))
     if smooth and pos.shape[0]:
         pos = _smooth(pos, edges, held)
     # Confidence: mean probability of the 3x3x3 voxels around each node (clipped at faces;
@@ -1703,7 +1719,7 @@ def trace_block(
         for k, name in enumerate("zyx"):
             bridges[name] += off[k]
     return Fragments(pos + off, radius, confidence, edges, on_face, soma, bridges, active=is_active,
-                     voxel_size=tuple(float(v) for v in voxel), port=port)  # fmt: skip
+                     voxel_size=tuple(float(v) for v in voxel), port=port, seed=seeded)  # fmt: skip
 
 
 def _extension_reach(voxel: np.ndarray, length: float) -> np.ndarray:
@@ -1770,20 +1786,24 @@ def _trace_cropped(prob: np.ndarray, box: tuple[slice, ...], inner: tuple[slice,
 
 # --------------------------------------------------------------------------- files (the CLI's edge)
 
-def read_seeds(path: str | Path) -> np.ndarray:
-    """Seed voxels ``z, y, x`` from a CSV file (header line optional), as an (k, 3) array.
+def read_seeds(path: str | Path, *, shape: Sequence[int] | None = None) -> np.ndarray:
+    """Seed voxels from a CSV file, as a ``(k, 3)`` array of ``z, y, x``.
+
+    Columns are ``z, y, x`` unless a header names them in another order (``x,y,z`` as
+    Fiji and Vaa3D write points); a header without the three names is an error. With
+    ``shape``, a seed outside the volume is an error naming its line.
 
     Examples
     --------
     >>> import tempfile, os
-    >>> p = os.path.join(tempfile.mkdtemp(), "s.csv"); _ = open(p, "w").write("z,y,x\\n1,2,3\\n")
+    >>> p = os.path.join(tempfile.mkdtemp(), "s.csv"); _ = open(p, "w").write("x,y,z\\n3,2,1\\n")
     >>> read_seeds(p).tolist()
     [[1.0, 2.0, 3.0]]
     """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: seed file does not exist")
-    rows = []
+    rows, lines, order = [], [], [0, 1, 2]
     for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         parts = [p.strip() for p in line.replace(";", ",").split(",") if p.strip()]
         if not parts:
@@ -1792,12 +1812,24 @@ def read_seeds(path: str | Path) -> np.ndarray:
             values = [float(p) for p in parts]
         except ValueError:
             if rows or line_no > 1:
-                raise InputError(f"{path} line {line_no}: expected three numbers z,y,x") from None
-            continue  # the header
+                raise InputError(f"{path} line {line_no}: expected three numbers") from None
+            names = [p.lower() for p in parts]
+            if sorted(names) != ["x", "y", "z"]:
+                raise InputError(f"{path} line 1: a header must name the columns z, y, x (in any order), got {line!r}")
+            order = [names.index(axis) for axis in "zyx"]
+            continue
         if len(values) != 3:
-            raise InputError(f"{path} line {line_no}: expected three numbers z,y,x, got {len(values)}")
-        rows.append(values)
-    return np.asarray(rows, np.float64).reshape(-1, 3)
+            raise InputError(f"{path} line {line_no}: expected three numbers, got {len(values)}")
+        rows.append([values[i] for i in order])
+        lines.append(line_no)
+    seeds = np.asarray(rows, np.float64).reshape(-1, 3)
+    if shape is not None:
+        outside = np.flatnonzero(np.any((np.rint(seeds) < 0) | (np.rint(seeds) >= np.asarray(shape)), axis=1))
+        if outside.size:
+            z, y, x = seeds[outside[0]]
+            raise InputError(f"{path} line {lines[outside[0]]}: seed z={z:g}, y={y:g}, x={x:g} lies outside the "
+                             f"volume of shape {tuple(int(n) for n in shape)}")  # fmt: skip
+    return seeds
 
 
 #: Volumes up to this many voxels are traced as one block unless ``trace.block`` says otherwise.
@@ -2029,7 +2061,9 @@ def trace_volume(
         raise InputError(f"{image}: a probability map must be uint8 (0-255), got {array.dtype}; "
                          "pass --raw for a raw image")  # fmt: skip
     shape = tuple(int(n) for n in array.shape)
-    seed_points = read_seeds(seeds) if seeds is not None else None
+    seed_points = read_seeds(seeds, shape=shape) if seeds is not None else None
+    if cfg.keep == "seeded" and seed_points is None:
+        raise InputError("trace.keep 'seeded' needs --seeds (a CSV of seed voxels)")
     block_shape = cfg.block or (shape if math.prod(shape) <= SINGLE_BLOCK_VOXELS else DEFAULT_BLOCK)
     unit = getattr(array, "shards", None) or array.chunks
     grid = BlockGrid(shape, block_shape, halo=cfg.halo, align=unit if cfg.block or block_shape != shape else 1)
@@ -2079,7 +2113,7 @@ def trace_volume(
                                  bridge_facing_min_mean=cfg.bridge_facing_min_mean)  # fmt: skip
         note = [f"traced from {image} by voxel scooping ({'raw' if raw else 'probability'} input), "
                 f"{len(grid)} block(s) stitched"]  # fmt: skip
-        rows = write_neurons(partial, neurons, comments=note)
+        rows = write_neurons(partial, neurons, comments=note, keep=cfg.keep)
         shutil.rmtree(partial / "done.zarr", ignore_errors=True)
         _write_state(partial, {**state, "complete": True})
         if out.exists():

@@ -193,3 +193,68 @@ def test_cli_trace_by_blocks(tmp_path):
     assert rows[0].startswith("id,has_soma") and len(rows) >= 2
     gold_f1 = evaluate(scene.gold, read_swc(out / "neurons.swc"), voxel_size_zyx=VOXEL, tau=2.0).to_dict()
     assert gold_f1["length"]["f1"] >= 0.85
+
+
+# --------------------------------------------------------------------------- semi-automatic mode
+
+
+def _two_tubes() -> np.ndarray:
+    prob = np.zeros((10, 40, 60), np.uint8)
+    prob[4:7, 8:11, 5:55] = 220  # the longer
+    prob[4:7, 28:31, 10:40] = 220
+    return prob
+
+
+def test_a_seed_roots_its_tree_and_keep_picks_the_neurons(tmp_path):
+    from neurotrace_dask.stitch import write_neurons
+
+    prob = _two_tubes()
+    seed = (5, 29, 25)  # the middle of the shorter tube
+    frags = trace_block(prob, seeds=[seed])
+    assert frags.seed.sum() == 1 and np.allclose(frags.positions[frags.seed][0], seed, atol=0.5)
+    neurons = join_fragments([frags])
+    assert neurons.fragments.seed.sum() == 1  # carried through the stitch
+    rows = write_neurons(tmp_path / "all", neurons)
+    assert len(rows) == 2 and [r["seeded"] for r in rows] == [False, True]
+    swc = read_swc(tmp_path / "all" / "neurons" / "0002.swc")
+    assert np.allclose(swc.zyx[swc.roots[0]], seed, atol=0.5)  # rooted at the seed, mid-tube
+    seeded = write_neurons(tmp_path / "seeded", neurons, keep="seeded")
+    largest = write_neurons(tmp_path / "largest", neurons, keep="largest")
+    assert [r["seeded"] for r in seeded] == [True] and [r["seeded"] for r in largest] == [False]
+    assert sorted(p.name for p in (tmp_path / "seeded" / "neurons").iterdir()) == ["0001.swc"]
+    assert read_swc(tmp_path / "seeded" / "neurons.swc").n_trees == 1
+    # A seed's fragment is kept even when it is shorter than min_length.
+    short = trace_block(prob, seeds=[seed], min_length=100.0)
+    assert short.seed.sum() == 1 and short.to_swc().n_trees == 1
+
+
+def test_seed_files_honour_their_header_and_the_volume(tmp_path):
+    from neurotrace_dask.errors import InputError
+    from neurotrace_dask.trace import read_seeds
+
+    (tmp_path / "xyz.csv").write_text("x,y,z\n25,29,5\n")
+    (tmp_path / "plain.csv").write_text("5,29,25\n")
+    assert read_seeds(tmp_path / "xyz.csv").tolist() == read_seeds(tmp_path / "plain.csv").tolist() == [[5, 29, 25]]
+    (tmp_path / "bad.csv").write_text("a,b,c\n1,2,3\n")
+    with pytest.raises(InputError, match="header must name"):
+        read_seeds(tmp_path / "bad.csv")
+    (tmp_path / "out.csv").write_text("z,y,x\n1,2,3\n5,40,3\n")
+    with pytest.raises(InputError, match=r"out.csv line 3: seed z=5, y=40, x=3 lies outside"):
+        read_seeds(tmp_path / "out.csv", shape=(10, 40, 60))
+
+
+def test_trace_volume_keep_seeded_needs_and_uses_seeds(tmp_path):
+    from neurotrace_dask.errors import InputError
+
+    image = tmp_path / "prob.ome.zarr"
+    prob = _two_tubes()
+    layout = plan_layout(prob.shape, np.uint8, VOXEL, levels=1, chunks=(10, 40, 60))
+    write_image_metadata(image, layout, name="p(neurite)")
+    zarr.open_array(image / "0", mode="r+")[...] = prob
+    mark_complete(image)
+    with pytest.raises(InputError, match="needs --seeds"):
+        trace_volume(image, tmp_path / "none", TraceConfig(keep="seeded"))
+    (tmp_path / "s.csv").write_text("x,y,z\n25,29,5\n")
+    result = trace_volume(image, tmp_path / "one", TraceConfig(keep="seeded"), seeds=tmp_path / "s.csv")
+    assert result.neurons == 1
+    assert (tmp_path / "one" / "neurons.csv").read_text().splitlines()[1].endswith(",True")
