@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup demo test bench accuracy trace-speed trace-scale soak peers checkpoints clean
+.PHONY: setup demo test bench accuracy trace-speed trace-scale soak peers checkpoints default-checkpoint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,7 +38,14 @@ accuracy: setup peers
 trace-speed: setup peers
 	$(BIN)/python benchmarks/trace_speed.py
 
-# The shipped checkpoints (checkpoints/README.md): candidate pool, DHPR selection, four trainings
+# The default network (checkpoints/README.md): configs/train_default.yaml, 10,000 steps (about 85 min
+# on 2 cores; --resume build/runs/default/last.json continues an interrupted run), its best copied in.
+default-checkpoint: setup
+	$(BIN)/neurotrace train --config configs/train_default.yaml --no-progress
+	$(BIN)/python -c "import json, pathlib; d = json.loads(pathlib.Path('build/runs/default/best.json').read_text()); d['weights']['file'] = 'voxresnet_small_default.safetensors'; pathlib.Path('checkpoints/voxresnet_small_default.json').write_text(json.dumps(d, indent=2) + '\n')"
+	cp build/runs/default/best.safetensors checkpoints/voxresnet_small_default.safetensors
+
+# The DHPR experiment's checkpoints (checkpoints/README.md): candidate pool, DHPR selection, four trainings
 # side by side on one thread each, and the model card's validation (about 1-1.5 h on 2 cores).
 checkpoints: setup
 	$(BIN)/python benchmarks/train_checkpoints.py all --parallel

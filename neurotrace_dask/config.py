@@ -226,7 +226,7 @@ class TraceConfig(_Strict):
     low: Annotated[float, Field(ge=0, le=255)] = 64.0
     soma_radius: Positive = 2.5  # distance-transform depth of a soma
     scoop: Positive = 0.5  # scooping distance in local diameters
-    spur_factor: NonNegative = 1.0  # prune terminal branches shorter than this many local diameters
+    spur_factor: NonNegative = 1.0  # prune terminal branches with less cable outside the tree (in local diameters)
     min_length: NonNegative = 3.0  # drop fragments with less cable and no soma
     smooth: bool = True  # 3-node moving average along paths
     bridge_distance: NonNegative = 6.0  # largest gap bridged; 0 disables bridging
@@ -234,6 +234,7 @@ class TraceConfig(_Strict):
     bridge_min_mean: Annotated[float, Field(ge=0, le=255)] = 32.0  # least mean probability along a bridge
     bridge_facing_distance: NonNegative = 9.0  # the same for two tips pointing at each other
     bridge_facing_min_mean: Annotated[float, Field(ge=0, le=255)] = 24.0
+    bridge_short: NonNegative = 4.0  # bridges this short (um) need no probability along them
     bridge_dim: bool | None = None  # hysteresis after bridging; None: on, off for raw input
     extend: bool | None = None  # tip extension along the dim ridge; None: on, off for raw input
     extend_min_mean: Annotated[float, Field(ge=0, le=255)] = 44.0  # least mean probability of a kept extension

@@ -49,7 +49,7 @@ CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"
 
 
 #: The shipped checkpoint used when none is given: the best of the model card (checkpoints/README.md).
-DEFAULT_CHECKPOINT = "voxresnet_small_random.json"
+DEFAULT_CHECKPOINT = "voxresnet_small_default.json"
 
 
 def default_checkpoint() -> Path | None:

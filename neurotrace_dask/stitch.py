@@ -163,6 +163,7 @@ def join_fragments(
     bridge_min_mean: float = 32.0,
     bridge_facing_distance: float = 9.0,
     bridge_facing_min_mean: float = 24.0,
+    bridge_short: float = 4.0,
 ) -> Neurons:
     """Join per-block fragment records into one forest of neurons.
 
@@ -180,6 +181,8 @@ def join_fragments(
         As for :func:`neurotrace_dask.trace.trace_block`.
     bridge_facing_distance, bridge_facing_min_mean
         As for :func:`neurotrace_dask.trace.trace_block`: two tips pointing at each other.
+    bridge_short
+        As for :func:`neurotrace_dask.trace.trace_block`: bridges this short need no probability.
 
     Returns
     -------
@@ -251,7 +254,7 @@ def join_fragments(
         edges, records_ = bridge_tips(pos, voxel, edges, soma | seed, sample, distance=bridge_distance,
                                       angle=bridge_angle,
                                       min_mean=bridge_min_mean, facing_distance=bridge_facing_distance,
-                                      facing_min_mean=bridge_facing_min_mean,
+                                      facing_min_mean=bridge_facing_min_mean, short=bridge_short,
                                       allowed=lambda t, j: block[t] != block[j])  # fmt: skip
         for z, y, x, length, mean in records_:
             review.append(dict(kind="bridge", z=z, y=y, x=x, length_um=length, confidence=mean / 255,

@@ -6,6 +6,7 @@ import doctest
 import math
 
 import numpy as np
+from scipy import ndimage
 import pytest
 
 from neurotrace_dask.config import SynthConfig
@@ -301,3 +302,23 @@ def test_failed_run_scores_zero_for_the_root_neuron(acc):
     assert row["root_f1"] == 0.0 and row["target_met"] is False
     text = acc.markdown([run], {}, {}, {}, (1.0, 0.125))
     assert "Neuron at the gold root: mean length F1" in text and "Tips of the neuron at the root" in text
+
+
+def test_map_width_measures_a_map_twice_as_wide_as_the_fibre():
+    with benchmark_module("map_width") as widths_module:
+        assert doctest.testmod(widths_module).failed == 0
+        # A fibre along x on the OP grid with a Gaussian profile (FWHM about 1 um in y), and a map
+        # that calls a band twice its half-maximum width neurite.
+        shape = (9, 40, 80)
+        z, y = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
+        r2 = ((z - 4) * 1.0) ** 2 + ((y - 20) * 0.3296) ** 2
+        profile = 200 * np.exp(-r2 / (2 * 0.42**2))
+        image = np.repeat(profile[:, :, None], shape[2], axis=2).astype(np.uint8)
+        gold = SWC.from_arrays(np.array([[4, 20, x] for x in range(5, 76, 5)], float), np.arange(-1, 14))
+        half = image >= 100
+        wide = ndimage.binary_dilation(half, iterations=1, structure=np.ones((1, 3, 1), bool))
+        wide = ndimage.binary_dilation(wide, iterations=1, structure=np.ones((1, 3, 1), bool))
+        w = widths_module.widths(image, np.where(wide, 255, 0).astype(np.uint8), gold)
+        assert 1.4 < w["ratio"] < 2.6 and 0.2 < w["image_um"] < 1.5
+        same = widths_module.widths(image, np.where(half, 255, 0).astype(np.uint8), gold)
+        assert same["ratio"] == pytest.approx(1.0)

@@ -273,6 +273,21 @@ def test_facing_tips_bridge_longer_dimmer_gaps():
     assert trace_block(side, high=150, low=100, extend=False).to_swc().n_trees == 2
 
 
+def test_a_short_dark_gap_closes_when_bridge_short_allows():
+    # A neurite whose map breaks for 3 voxels with nothing at all in the break, as the network
+    # leaves it at a bright bouton (the tips lie 5 um apart): joined only with bridge_short of
+    # 5 um or more, and only when aimed.
+    vol = tube((16, 40, 70), (8, 20, 5), (8, 20, 30), 1.5)
+    tube(vol.shape, (8, 20, 34), (8, 20, 64), 1.5, out=vol)
+    assert trace_block(vol, extend=False).to_swc().n_trees == 2
+    assert trace_block(vol, extend=False, bridge_short=4.0).to_swc().n_trees == 2
+    frags = trace_block(vol, extend=False, bridge_short=5.0)
+    assert frags.to_swc().n_trees == 1 and frags.bridges[0]["mean_probability"] == 0
+    side = tube((16, 40, 70), (8, 20, 5), (8, 20, 30), 1.5)
+    tube(side.shape, (8, 24, 30), (8, 38, 60), 1.5, out=side)  # as near, but beside the tip
+    assert trace_block(side, extend=False, bridge_short=5.0, bridge_angle=30).to_swc().n_trees == 2
+
+
 def test_review_lists_only_bridges_that_stay():
     # Two dim pieces (never >= high) bridged to each other and to nothing bright are dropped,
     # and so is their bridge: the review list holds only what the output shows.
