@@ -823,8 +823,9 @@ def headline(run: Run) -> dict[str, float]:
 
 # --------------------------------------------------------------------------- report
 
-SUMMARIES = (("f1", "Mean length F1"), ("weak_recall", "Mean weak-branch recall (dimmest third of the gold branches)"),
-             ("precision", "Mean length precision"), ("diadem", "Mean DIADEM score"))  # fmt: skip
+SUMMARIES = (("f1", "Mean length F1", "mean"),
+             ("weak_recall", "Mean weak-branch recall (dimmest third of the gold branches)", "mean"),
+             ("precision", "Mean length precision", "mean"), ("diadem", "Mean DIADEM score", "mean"))  # fmt: skip
 # The neuron a user gets (neuron_at_root); the tips ratio by its median: one shattered case
 # (hundreds of tips) would otherwise swamp the mean.
 ROOT_SUMMARIES = (("root_f1", "Neuron at the gold root: mean length F1", "mean"),
@@ -925,6 +926,18 @@ def _target_text(target: dict[str, float]) -> str:
     return ", ".join(words[k].format(v) for k, v in target.items())
 
 
+def series_tables(runs: list[Run], summaries: tuple[tuple[str, str, str], ...],
+                  intensities: tuple[float, ...] = INTENSITIES) -> list[str]:  # fmt: skip
+    """Markdown lines: per ``(key, title, statistic)`` of ``summaries``, a table of it by method, series and intensity."""
+    lines: list[str] = []
+    for key, title, statistic in summaries:
+        lines += ["", f"{title} by series and intensity:", "", "| method | series | " +
+                  " | ".join(f"{i:g}" for i in intensities) + " |", "|---|---|" + "---|" * len(intensities)]  # fmt: skip
+        for method, series, values in means(runs, key, intensities, statistic):
+            lines.append(f"| {method} | {series} | " + " | ".join(_fmt(v) for v in values) + " |")
+    return lines
+
+
 def markdown(runs: list[Run], chosen_k: dict[str, float], notes: dict[str, str], weak: dict[str, dict],
              intensities: tuple[float, ...] = INTENSITIES, cnn: dict[str, str] | None = None) -> str:  # fmt: skip
     lines = ["# Weak-neurite accuracy benchmark", "",
@@ -971,11 +984,7 @@ def markdown(runs: list[Run], chosen_k: dict[str, float], notes: dict[str, str],
         lines.append(f"| {row['method']} | {row['series']} | {row['cases']} | {_fmt(row['f1'])} | "
                      f"{_fmt(row['weak_recall'])} | {_fmt(row['precision'])} | {'yes' if row['precision_ok'] else 'no'} | "
                      f"{row['cases_precision_ok']} | {'yes' if row['target_met'] else 'no'} |")  # fmt: skip
-    for key, title in SUMMARIES:
-        lines += ["", f"{title} by series and intensity:", "", "| method | series | " +
-                  " | ".join(f"{i:g}" for i in intensities) + " |", "|---|---|" + "---|" * len(intensities)]  # fmt: skip
-        for method, series, values in means(runs, key, intensities):
-            lines.append(f"| {method} | {series} | " + " | ".join(_fmt(v) for v in values) + " |")
+    lines += series_tables(runs, SUMMARIES, intensities)
     lines += ["", "## The neuron a user gets: the output tree nearest the gold's root", "",
               "The tables above score the whole output, every tree pooled. A user who picks the traced cell keeps "
               "one tree: the one holding the output node nearest (in um) to the gold's root (of its longest tree). "
@@ -989,11 +998,7 @@ def markdown(runs: list[Run], chosen_k: dict[str, float], notes: dict[str, str],
         lines.append(f"| {row['method']} | {row['series']} | {row['intensity']:g} | {row['cases']} | "
                      f"{_target_text(row['target'])} | {_fmt(row['root_f1'])} | {_fmt(row['root_precision'])} | "
                      f"{_fmt(row['tips_ratio'])} | {'yes' if row['target_met'] else 'no'} |")  # fmt: skip
-    for key, title, statistic in ROOT_SUMMARIES:
-        lines += ["", f"{title} by series and intensity:", "", "| method | series | " +
-                  " | ".join(f"{i:g}" for i in intensities) + " |", "|---|---|" + "---|" * len(intensities)]  # fmt: skip
-        for method, series, values in means(runs, key, intensities, statistic):
-            lines.append(f"| {method} | {series} | " + " | ".join(_fmt(v) for v in values) + " |")
+    lines += series_tables(runs, ROOT_SUMMARIES, intensities)
     marks = {m: set(training_cases(m, {r.case for r in runs})) for m in ran}
     for method, seen in sorted(marks.items()):
         if seen:
@@ -1173,7 +1178,7 @@ def main() -> int:
                            "the others run now")  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     summary = {key: [{"method": m, "series": s, "means": dict(zip(map(str, intensities), v))}
-                     for m, s, v in means(runs, key, intensities)] for key, _ in SUMMARIES}  # fmt: skip
+                     for m, s, v in means(runs, key, intensities)] for key, _, _ in SUMMARIES}  # fmt: skip
     summary.update({key: [{"method": m, "series": s, statistic: dict(zip(map(str, intensities), v))}
                           for m, s, v in means(runs, key, intensities, statistic)]
                     for key, _, statistic in ROOT_SUMMARIES})  # fmt: skip
