@@ -69,8 +69,8 @@ import math
 import os
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,10 +78,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
 from safetensors import SafetensorError
 from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
+from scipy import ndimage
 
 from .config import AugmentConfig, PredictConfig, SynthConfig, TraceConfig, TrainConfig, TrainVolume
 from .errors import ConfigError, InputError, OutputError
