@@ -1558,8 +1558,8 @@ def trace_block(
     bridge_short : float
         Bridges no longer than this (um) need no probability along them (see
         :func:`bridge_tips`): the network's map of a neurite breaks at bright boutons and
-        junctions. Chosen on the default network's maps of OP_1-OP_4 (mean length F1 of
-        the neuron at the gold root 0.73 at 0 um, 0.80 at 4 um; all output's F1 unchanged).
+        junctions. Chosen by ``benchmarks/bridge_short.py`` on the default network's maps of
+        OP_1-OP_4: the best length F1 of the neuron at the gold root, all output's F1 kept.
     bridge_dim : bool, optional
         Hysteresis after bridging (``None``: yes): dim fragments (``>= low``, never
         ``>= high``) are traced and kept when bridges join them, directly or in a chain, to
